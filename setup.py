@@ -1,0 +1,38 @@
+"""megatron_papo: PAPO (Perception-Aware Policy Optimization) on Megatron-Core.
+
+Install on a CPU machine (torch first, so pip never pulls CUDA wheels):
+    pip install torch==2.13.0
+    pip install -e ".[dev]"
+"""
+
+from setuptools import find_packages, setup
+
+# Every pinned or bounded version of the project lives here (Dockerfile reads the same lists).
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    # 0.16.1 is the newest megatron-core that declares Python 3.11; 0.17+ declare >=3.12.
+    # mcore_compat.py absorbs the API differences up to 0.19.x. See docs/VERSIONS.md.
+    "megatron-core>=0.16.1,<0.20",
+    "numpy<2.5",  # numpy 2.5 ships no cp311 wheel
+    "pyyaml>=6.0",
+    "psutil>=5.9",  # undeclared need of megatron-core's torch_dist checkpoint writer
+    "tqdm>=4.60",
+    "pillow>=10.0",
+    "math-verify[antlr4_13_2]>=0.7",
+]
+
+EXTRAS_REQUIRE = {
+    # GPU stack: only installable where CUDA is (NGC containers). Never on CPU CI.
+    "gpu": ["transformer-engine[pytorch]>=2.0", "vllm>=0.10"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6"],
+}
+
+setup(
+    name="megatron_papo",
+    version="0.1.0",
+    description="PAPO / GRPO / DAPO for vision-language models on Megatron-Core",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_papo", "megatron_papo.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
