@@ -1,0 +1,495 @@
+"""One config tree of dataclasses, loaded from YAML with dotted CLI overrides, validated.
+
+    cfg = load_config("examples/tiny_papo_g.yaml", ["parallel.tp=2", "loss.gamma=0.01"])
+
+Every section is a dataclass with a docstring under each field (the field's documentation).
+Loading is strict: an unknown key, a value of the wrong type, or a value out of range raises
+`ConfigError` naming the file, the dotted key, what was expected and what was found.
+
+`algorithm.name` selects a preset (grpo, dapo, papo_g, papo_d) that fills the `loss:` fields and
+the DAPO group filter; anything written explicitly under `loss:` or on the command line wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from megatron_papo.losses.papo import PapoLossConfig
+from megatron_papo.masking import MaskingConfig
+from megatron_papo.rewards import RewardConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the source, the key and the fix."""
+
+
+AlgorithmName = Literal["grpo", "dapo", "papo_g", "papo_d"]
+
+# Loss fields and the DAPO filter per algorithm (PAPO_SPEC.md "Defaults that the paper reports").
+ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
+    "grpo": {"loss": dict(gamma=0.0, entropy_coef_orig=0.0, entropy_coef_mask=0.0, ref_kl_coef=0.01,
+                          clip_ratio_low=0.2, clip_ratio_high=0.3),
+             "algorithm": dict(group_filter=False)},
+    "dapo": {"loss": dict(gamma=0.0, entropy_coef_orig=0.0, entropy_coef_mask=0.0, ref_kl_coef=0.0,
+                          clip_ratio_low=0.2, clip_ratio_high=0.28),
+             "algorithm": dict(group_filter=True)},
+    "papo_g": {"loss": dict(gamma=0.02, entropy_coef_orig=0.05, entropy_coef_mask=0.05, ref_kl_coef=0.01,
+                            clip_ratio_low=0.2, clip_ratio_high=0.3),
+               "algorithm": dict(group_filter=False)},
+    "papo_d": {"loss": dict(gamma=0.01, entropy_coef_orig=0.03, entropy_coef_mask=0.03, ref_kl_coef=0.0,
+                            clip_ratio_low=0.2, clip_ratio_high=0.28),
+               "algorithm": dict(group_filter=True)},
+}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build and its sizes (sizes None = the registry entry's own defaults)."""
+
+    name: str = "tiny_vlm"
+    """Registry key of the model builder (e.g. tiny_vlm, qwen2_5_vl)."""
+    hf_path: str | None = None
+    """Hugging Face folder to read the architecture (and, via conversion, weights) from."""
+    num_layers: int | None = None
+    """Transformer layers of the language model."""
+    hidden_size: int | None = None
+    """Hidden size of the language model."""
+    num_attention_heads: int | None = None
+    """Query heads of the language model."""
+    num_query_groups: int | None = None
+    """Key/value heads (GQA); None = num_attention_heads."""
+    ffn_hidden_size: int | None = None
+    """MLP inner size."""
+    vocab_size: int | None = None
+    """True vocabulary size (the embedding is padded to a multiple of make_vocab_size_divisible_by * tp)."""
+    make_vocab_size_divisible_by: int = 128
+    """Vocabulary padding granule (Megatron convention), times tp."""
+    seq_length: int = 1024
+    """Maximum total tokens (prompt + response) of one sample."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter / compute dtype. CPU runs use fp32; GPU runs bf16."""
+    fp8: Literal["none", "delayed", "current", "blockwise"] = "none"
+    """FP8 recipe through Transformer Engine (GPU only); the loss maths never runs in FP8."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer specs: auto = Transformer Engine when it imports, else megatron-core local specs."""
+    recompute_activations: bool = False
+    """Full activation recomputation in the transformer layers."""
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallel sizes; data parallel = world_size / (tp * pp * cp)."""
+
+    tp: int = 1
+    """Tensor parallel size (the vocabulary is split over these ranks too)."""
+    pp: int = 1
+    """Pipeline parallel size."""
+    cp: int = 1
+    """Context parallel size (sequences split zigzag over these ranks; needs TE for attention)."""
+    vpp: int | None = None
+    """Virtual pipeline stages per rank (interleaved schedule); None = off."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside TP (needs TE or apex norms)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """The RL algorithm: preset name and advantage / filter settings."""
+
+    name: AlgorithmName = "papo_g"
+    """grpo, dapo, papo_g or papo_d: fills `loss:` fields and group_filter (explicit values win)."""
+    group_filter: bool = False
+    """DAPO online filter: keep groups whose mean accuracy lies in (filter_low, filter_high)."""
+    filter_low: float = 0.01
+    """Lower bound (exclusive) of a kept group's mean accuracy."""
+    filter_high: float = 0.99
+    """Upper bound (exclusive) of a kept group's mean accuracy."""
+    norm_adv_by_std: bool = True
+    """GRPO: divide (r - mean) by the group std; False = Dr. GRPO style r - mean."""
+
+
+@dataclass
+class RolloutConfig:
+    """Response sampling."""
+
+    engine: Literal["megatron", "vllm"] = "megatron"
+    """megatron: built-in generation (any machine); vllm: colocated vLLM (GPU, extra [gpu])."""
+    n: int = 5
+    """Responses per prompt (the GRPO group size)."""
+    prompts_per_step: int = 16
+    """Prompts sampled per RL step (the rollout batch)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 0.99
+    """Nucleus sampling mass, in (0, 1]."""
+    top_k: int = -1
+    """Top-k sampling; -1 = off."""
+    max_new_tokens: int = 256
+    """Response length limit."""
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings (the tokenizer's end-of-sequence always stops)."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM only: share of GPU memory for weights + KV cache while generating."""
+
+
+@dataclass
+class DataConfig:
+    """Training / evaluation data."""
+
+    train: str = "easy_vqa:train"
+    """A JSONL/Parquet path, or a built-in source like easy_vqa:train."""
+    eval: str = "easy_vqa:test"
+    """Held-out data for evaluation (never used in training)."""
+    prompt_template: str = "think_boxed"
+    """Name of the prompt template that wraps the question."""
+    image_key: str = "image"
+    """Column holding the image path or bytes."""
+    question_key: str = "problem"
+    """Column holding the question."""
+    answer_key: str = "answer"
+    """Column holding the ground-truth answer."""
+    max_prompt_length: int = 512
+    """Prompts longer than this (tokens, image tokens included) are skipped and counted."""
+    shuffle: bool = True
+    """Shuffle the training data each epoch (seeded)."""
+    limit: int | None = None
+    """Use only the first N rows (quick runs)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    steps: int = 100
+    """RL steps (rollout + update) to run."""
+    lr: float = 1e-6
+    """Learning rate (constant after warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 = off."""
+    update_prompts: int = 16
+    """Prompts per optimizer update (mini-batch); prompts_per_step / update_prompts updates per step."""
+    micro_batch_size: int = 4
+    """Responses per forward/backward micro-batch."""
+    epochs_per_step: int = 1
+    """Passes over each rollout batch (PPO epochs)."""
+    seed: int = 1234
+    """Global seed (model init, data order, sampling, masks)."""
+    sft_warmup_steps: int = 0
+    """Optional supervised warm-start steps before RL (0 = off)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints of model + optimizer + trainer state."""
+
+    dir: str | None = None
+    """Where checkpoints go; None = no checkpointing."""
+    save_interval: int = 0
+    """Save every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Keep the newest N checkpoints."""
+    resume: bool = False
+    """Continue from the newest checkpoint in `dir`."""
+    load_hf: str | None = None
+    """Initial weights from a converted checkpoint folder."""
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics output."""
+
+    dir: str = "runs/default"
+    """Run folder: metrics.jsonl, TensorBoard events, plots."""
+    log_interval: int = 1
+    """Log every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events (if tensorboard is installed)."""
+    progress_bar: bool = True
+    """tqdm progress bar with ETA on rank 0."""
+
+
+@dataclass
+class PapoConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    loss: PapoLossConfig = field(default_factory=PapoLossConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------- typed building
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widened to float where asked)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, "
+                          f"got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 3e-6 as a string; users mean a number
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r} (a bug in the config schema)")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, strictly (unknown keys and bad types raise)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{key}'{hint}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a section's own __post_init__ validation
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'loss.gamma=0.01' -> ('loss.gamma', 0.01); the value is read as YAML (null, true, [1, 2])."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. parallel.tp=2")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from e
+    return key, value
+
+
+def config_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> PapoConfig:
+    """Build and validate a PapoConfig from nested mappings (algorithm preset applied first)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    algo = data.get("algorithm", {}) or {}
+    name = algo.get("name", AlgorithmConfig.name) if isinstance(algo, Mapping) else AlgorithmConfig.name
+    if name not in ALGORITHM_PRESETS:
+        raise ConfigError(f"{source}: algorithm.name: expected one of {list(ALGORITHM_PRESETS)}, "
+                          f"got {name!r}")
+    merged = _deep_merge(ALGORITHM_PRESETS[name], data)
+    try:
+        cfg = _build(PapoConfig, merged)
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PapoConfig:
+    """Read a YAML file (or nothing: defaults), apply `key=value` overrides, build, validate."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    return config_from_dict(data, source=source)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML dumps and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: PapoConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back to an equal config)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- cross-field checks
+
+
+def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
+    """Checks that span sections. Raises ConfigError naming the fields involved."""
+    par, model, ro, tr = cfg.parallel, cfg.model, cfg.rollout, cfg.train
+    for name in ("tp", "pp", "cp"):
+        if getattr(par, name) < 1:
+            raise ConfigError(f"parallel.{name}: expected an integer >= 1, got {getattr(par, name)}")
+    if par.vpp is not None and (par.vpp < 1 or par.pp == 1):
+        raise ConfigError(f"parallel.vpp: needs parallel.pp > 1 and vpp >= 1, got vpp={par.vpp}, pp={par.pp}")
+    if model.num_attention_heads is not None and model.num_attention_heads % par.tp:
+        raise ConfigError(f"parallel.tp={par.tp} must divide model.num_attention_heads="
+                          f"{model.num_attention_heads}")
+    groups = model.num_query_groups
+    if groups is not None:
+        if model.num_attention_heads is not None and model.num_attention_heads % groups:
+            raise ConfigError(f"model.num_query_groups={groups} must divide model.num_attention_heads="
+                              f"{model.num_attention_heads}")
+        if groups % par.tp:
+            raise ConfigError(f"parallel.tp={par.tp} must divide model.num_query_groups={groups}")
+    if model.ffn_hidden_size is not None and model.ffn_hidden_size % par.tp:
+        raise ConfigError(f"parallel.tp={par.tp} must divide model.ffn_hidden_size={model.ffn_hidden_size}")
+    if model.num_layers is not None and model.num_layers % (par.pp * (par.vpp or 1)):
+        raise ConfigError(f"parallel.pp={par.pp} x vpp={par.vpp or 1} must divide model.num_layers="
+                          f"{model.num_layers}")
+    if par.cp > 1 and model.seq_length % (2 * par.cp):
+        raise ConfigError(f"model.seq_length={model.seq_length} must be a multiple of 2 * parallel.cp="
+                          f"{2 * par.cp} (zigzag context-parallel sharding)")
+    if par.sequence_parallel and par.tp == 1:
+        raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
+    if world_size is not None:
+        mp = par.tp * par.pp * par.cp
+        if world_size % mp:
+            raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = "
+                              f"{par.tp}*{par.pp}*{par.cp} = {mp}")
+    for name in ("n", "prompts_per_step", "max_new_tokens"):
+        if getattr(ro, name) < 1:
+            raise ConfigError(f"rollout.{name}: expected >= 1, got {getattr(ro, name)}")
+    if cfg.algorithm.name != "grpo" or cfg.loss.gamma > 0:
+        if ro.n < 2:
+            raise ConfigError(f"rollout.n={ro.n}: group-normalised advantages need n >= 2")
+    if not ro.temperature > 0:
+        raise ConfigError(f"rollout.temperature: expected > 0, got {ro.temperature}")
+    if not 0 < ro.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: expected a value in (0, 1], got {ro.top_p}")
+    if tr.update_prompts < 1 or ro.prompts_per_step % tr.update_prompts:
+        raise ConfigError(f"train.update_prompts={tr.update_prompts} must divide rollout.prompts_per_step="
+                          f"{ro.prompts_per_step}")
+    if tr.micro_batch_size < 1 or (tr.update_prompts * ro.n) % tr.micro_batch_size:
+        raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size} must divide the responses per "
+                          f"update, train.update_prompts*rollout.n = {tr.update_prompts * ro.n}")
+    for name in ("steps", "epochs_per_step"):
+        if getattr(tr, name) < 1:
+            raise ConfigError(f"train.{name}: expected >= 1, got {getattr(tr, name)}")
+    if tr.lr <= 0:
+        raise ConfigError(f"train.lr: expected > 0, got {tr.lr}")
+    if not 0 <= cfg.algorithm.filter_low < cfg.algorithm.filter_high <= 1:
+        raise ConfigError("algorithm.filter_low/filter_high: expected 0 <= low < high <= 1, got "
+                          f"{cfg.algorithm.filter_low}, {cfg.algorithm.filter_high}")
+    if cfg.checkpoint.resume and not cfg.checkpoint.dir:
+        raise ConfigError("checkpoint.resume: needs checkpoint.dir")
+    if cfg.data.max_prompt_length + ro.max_new_tokens > model.seq_length:
+        raise ConfigError(f"data.max_prompt_length ({cfg.data.max_prompt_length}) + rollout.max_new_tokens "
+                          f"({ro.max_new_tokens}) exceeds model.seq_length ({model.seq_length})")

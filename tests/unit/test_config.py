@@ -1,0 +1,114 @@
+"""Config tree: YAML + dotted overrides, presets, strict validation with specific messages."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_papo.config import (
+    ConfigError,
+    PapoConfig,
+    config_from_dict,
+    load_config,
+    parse_override,
+    save_config,
+    validate,
+)
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+
+
+def test_defaults_build_and_validate():
+    cfg = load_config()
+    assert isinstance(cfg, PapoConfig)
+    assert cfg.algorithm.name == "papo_g" and cfg.loss.gamma == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize(
+    "name,gamma,beta,high,filt",
+    [
+        ("grpo", 0.0, 0.01, 0.3, False),
+        ("dapo", 0.0, 0.0, 0.28, True),
+        ("papo_g", 0.02, 0.01, 0.3, False),
+        ("papo_d", 0.01, 0.0, 0.28, True),
+    ],
+)
+def test_algorithm_presets(name, gamma, beta, high, filt):
+    cfg = load_config(overrides=[f"algorithm.name={name}"])
+    assert (cfg.loss.gamma, cfg.loss.ref_kl_coef, cfg.loss.clip_ratio_high) == (gamma, beta, high)
+    assert cfg.algorithm.group_filter is filt
+
+
+def test_explicit_values_beat_the_preset(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("algorithm:\n  name: papo_d\nloss:\n  gamma: 0.005\n")
+    cfg = load_config(p, ["loss.entropy_coef_orig=0.0", "parallel.tp=2", "rollout.stop=['</answer>']"])
+    assert cfg.loss.gamma == 0.005 and cfg.loss.entropy_coef_orig == 0.0
+    assert cfg.loss.entropy_coef_mask == 0.03  # still from the preset
+    assert cfg.parallel.tp == 2 and cfg.rollout.stop == ["</answer>"]
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(overrides=["loss.clip_ratio_dual=null", "train.lr=3e-6"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    assert cfg.loss.clip_ratio_dual is None and cfg.train.lr == 3e-6
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("parallel.tpp=2", r"unknown key 'parallel.tpp'; did you mean 'tp'\?"),
+        ("paralel.tp=2", r"unknown key 'paralel'; did you mean 'parallel'\?"),
+        ("parallel.tp=two", r"parallel.tp: expected an integer, got 'two'"),
+        ("parallel.tp=1.5", r"parallel.tp: expected an integer"),
+        ("logging.tensorboard=1", r"logging.tensorboard: expected true or false"),
+        ("loss.loss_agg=sum", r"loss.loss_agg: expected one of 'token-mean'"),
+        ("loss.gamma=-1", r"PapoLossConfig.gamma"),
+        ("masking.ratio=1.5", r"masking.*ratio"),
+        ("algorithm.name=ppo", r"algorithm.name: expected one of"),
+        ("rollout.top_p=0", r"rollout.top_p"),
+        ("parallel.tp=3", r"parallel.tp=3 must divide model.num_attention_heads"),
+        ("parallel.pp=3", r"parallel.pp=3 .* must divide model.num_layers"),
+        ("train.micro_batch_size=7", r"train.micro_batch_size=7 must divide"),
+        ("checkpoint.resume=true", r"checkpoint.resume: needs checkpoint.dir"),
+        ("gamma", r"expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, match):
+    base = ["model.num_attention_heads=4", "model.num_layers=2"]
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=[*base, override])
+
+
+def test_errors_name_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train.lr: expected a number, got 'fast'"):
+        load_config(p)
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_world_size_divisibility():
+    cfg = config_from_dict({"parallel": {"tp": 2, "pp": 2}})
+    validate(cfg, world_size=8)
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by tp\*pp\*cp = 2\*2\*1 = 4"):
+        validate(cfg, world_size=6)
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a=[1, 2]") == ("a", [1, 2])
+    assert parse_override("--a.b=x=y") == ("a.b", "x=y")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_yaml_loads(path):
+    validate(load_config(path))
+
+
+def test_examples_exist():
+    assert EXAMPLES, "examples/*.yaml should exist"
