@@ -1,0 +1,636 @@
+"""The one place where megatron_papo patches or works around megatron-core.
+
+Three jobs, each small:
+
+1. **Importing megatron-core safely** (:func:`import_megatron_core`). Importing this module
+   registers a placeholder for the single unguarded ``import triton`` of megatron-core 0.19.x
+   (``transformer/moe/ops/paged_stash.py``) when triton is absent; it does not import
+   megatron-core itself. :func:`import_megatron_core` then imports it and turns the two known
+   failure modes (not installed; Transformer Engine installed but unloadable) into a
+   ``RuntimeError`` that says what to do.
+
+2. **Running megatron-core on CPU** (:func:`apply_cpu_patches`). megatron-core assumes CUDA in
+   a few dozen places (RNG tracker, scratch buffers, ``device="cuda"`` literals, streams,
+   ``param.type() == 'torch.cuda.FloatTensor'``). On a machine without CUDA the patches below
+   send all of that to the CPU. Each patch is a named function whose docstring says which
+   megatron-core call fails without it and how. Nothing is patched when CUDA is available.
+
+3. **Absorbing version differences** between the supported megatron-core releases
+   (``>=0.16.1,<0.20``; see docs/VERSIONS.md): :data:`MCORE_VERSION` and one tiny adapter per
+   API difference that the project meets.
+
+Plus dependency probes for the optional GPU stack (:func:`have_transformer_engine`, ...,
+:func:`require`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+import sys
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+__all__ = [
+    "MCORE_VERSION",
+    "PAGED_STASH_STUBBED",
+    "MissingDependencyError",
+    "applied_patches",
+    "apply_cpu_patches",
+    "cross_entropy_takes_tp_group",
+    "dist_ckpt_load",
+    "dist_ckpt_save",
+    "have_apex",
+    "have_transformer_engine",
+    "have_triton",
+    "have_vllm",
+    "import_megatron_core",
+    "llava_hybrid_pattern_kwarg",
+    "mcore_at_least",
+    "mlp_submodules",
+    "require",
+    "revert_cpu_patches",
+    "vocab_parallel_cross_entropy",
+]
+
+SUPPORTED_MCORE = ">=0.16.1,<0.20"
+_INSTALL_MCORE = f'pip install "megatron-core{SUPPORTED_MCORE}"'
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions
+# ---------------------------------------------------------------------------------------------
+def _mcore_path(relpath: str) -> str | None:
+    """Path of megatron/core/<relpath> on sys.path if it exists, found without importing megatron.core."""
+    try:
+        spec = importlib.util.find_spec("megatron")
+    except (ImportError, ValueError):
+        return None
+    for directory in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(directory, "core", relpath)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _mcore_file_exists(relpath: str) -> bool:
+    """Whether megatron/core/<relpath> exists, found without importing megatron.core."""
+    return _mcore_path(relpath) is not None
+
+
+def _installed_mcore_version() -> Version | None:
+    """Version of the megatron-core that ``import megatron.core`` would load, found without
+    importing it: its package_info.py (right for source checkouts on PYTHONPATH too), else
+    the installed distribution's metadata."""
+    path = _mcore_path("package_info.py")
+    if path is not None:
+        try:
+            namespace: dict[str, Any] = {}
+            with open(path) as f:
+                exec(compile(f.read(), path, "exec"), namespace)  # constants only
+            return Version(namespace["__version__"])
+        except Exception:
+            pass
+    try:
+        return Version(importlib.metadata.version("megatron-core"))
+    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+        return None
+
+
+MCORE_VERSION: Version | None = _installed_mcore_version()
+"""Installed megatron-core version (``packaging.version.Version``), or None if not installed."""
+
+
+def mcore_at_least(version: str) -> bool:
+    """True if the installed megatron-core is at least ``version`` (False when not installed)."""
+    return MCORE_VERSION is not None and MCORE_VERSION >= Version(version)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dependency probes (lazy, cached, never raising)
+# ---------------------------------------------------------------------------------------------
+class MissingDependencyError(ImportError):
+    """An optional dependency that the requested feature needs is absent or cannot load."""
+
+
+def _importable(*modules: str) -> bool:
+    """True if every module imports; any exception (ImportError, OSError, RuntimeError) -> False."""
+    try:
+        if importlib.util.find_spec(modules[0].split(".")[0]) is None:
+            return False
+        for name in modules:
+            importlib.import_module(name)
+        return True
+    except Exception:
+        return False
+
+
+@functools.cache
+def have_transformer_engine() -> bool:
+    """Transformer Engine's PyTorch API imports (needs CUDA libraries)."""
+    return _importable("transformer_engine", "transformer_engine.pytorch")
+
+
+@functools.cache
+def have_apex() -> bool:
+    """NVIDIA apex with its optimizers imports (the PyPI package named ``apex`` is unrelated)."""
+    return _importable("apex", "apex.optimizers")
+
+
+@functools.cache
+def have_vllm() -> bool:
+    """vLLM imports (its wheels pin a CUDA build of torch)."""
+    return _importable("vllm")
+
+
+@functools.cache
+def have_triton() -> bool:
+    """Triton imports."""
+    return _importable("triton")
+
+
+_FEATURES: dict[str, tuple[Callable[[], bool], str]] = {
+    "transformer_engine": (
+        have_transformer_engine,
+        "Transformer Engine is needed (TE layer specs, fp8, context parallel attention). "
+        "Install the GPU extra on a CUDA machine: pip install megatron_papo[gpu], or use an "
+        "NGC PyTorch container, which ships it.",
+    ),
+    "apex": (
+        have_apex,
+        "NVIDIA apex is needed. It comes with the NGC PyTorch containers, or build it from "
+        "https://github.com/NVIDIA/apex. Do not `pip install apex`: that PyPI package is an "
+        "unrelated web library.",
+    ),
+    "vllm": (
+        have_vllm,
+        "vLLM is needed for the vLLM rollout engine. Install the GPU extra on a CUDA machine: "
+        "pip install megatron_papo[gpu] (vLLM wheels pin a CUDA torch; not for CPU machines). "
+        "On CPU use the Megatron rollout engine instead.",
+    ),
+    "triton": (
+        have_triton,
+        "Triton is needed for the fused GPU kernels. It is installed with CUDA builds of torch "
+        "and in NGC containers (pip install megatron_papo[gpu] on a CUDA machine).",
+    ),
+}
+_ALIASES = {"te": "transformer_engine", "transformer-engine": "transformer_engine"}
+
+
+def require(feature: str) -> None:
+    """Raise :class:`MissingDependencyError` with an install hint if ``feature`` is unavailable.
+
+    ``feature`` is one of ``transformer_engine`` (alias ``te``), ``apex``, ``vllm``, ``triton``.
+    """
+    key = _ALIASES.get(feature.lower(), feature.lower())
+    if key not in _FEATURES:
+        raise ValueError(f"unknown feature {feature!r}; known: {sorted(_FEATURES)}")
+    probe, hint = _FEATURES[key]
+    if not probe():
+        raise MissingDependencyError(f"{key} is not available. {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Importing megatron-core
+# ---------------------------------------------------------------------------------------------
+_PAGED_STASH = "megatron.core.transformer.moe.ops.paged_stash"
+
+
+
+
+def _stub_paged_stash_without_triton() -> bool:
+    """megatron-core 0.19.x imports ``triton`` unconditionally in transformer/moe/ops/paged_stash.py,
+    reached from ``import megatron.core`` (via pipeline_parallel.schedules); without triton that is
+    ``ModuleNotFoundError: No module named 'triton'``. Every other triton import is guarded.
+    Register a placeholder for that one module (its kernels raise if ever called: they need CUDA).
+    Only when triton is absent and the file exists (0.16.1 has no such file)."""
+    if _PAGED_STASH in sys.modules:
+        return isinstance(sys.modules[_PAGED_STASH], _PagedStashStub)
+    if importlib.util.find_spec("triton") is not None:
+        return False
+    if not _mcore_file_exists(os.path.join("transformer", "moe", "ops", "paged_stash.py")):
+        return False
+    sys.modules[_PAGED_STASH] = _PagedStashStub(_PAGED_STASH)
+    return True
+
+
+class _PagedStashStub(types.ModuleType):
+    """Placeholder for megatron-core's triton paged-stash kernels (MoE, CUDA only)."""
+
+    GLOBAL_BLOCK_SIZE = 1024
+
+    @staticmethod
+    def _needs_triton(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("megatron-core's paged stash kernels need triton and CUDA")
+
+    paged_stash_copy_kernel = _needs_triton
+    paged_stash_pop_kernel = _needs_triton
+
+
+PAGED_STASH_STUBBED: bool = _stub_paged_stash_without_triton()
+"""True if the triton-less placeholder for megatron-core 0.19's paged_stash was registered."""
+
+
+def import_megatron_core() -> types.ModuleType:
+    """Import and return ``megatron.core``, with a clear RuntimeError for the known failures.
+
+    - megatron-core not installed -> how to install it.
+    - Transformer Engine installed but unable to load (typical on CPU machines: no CUDA
+      libraries) -> megatron-core's own import fails; uninstall TE on CPU machines or use the
+      NGC container on GPU machines.
+    """
+    if MCORE_VERSION is None and not _mcore_file_exists("__init__.py"):
+        raise RuntimeError(f"megatron-core is not installed. Install it with: {_INSTALL_MCORE}")
+    _stub_paged_stash_without_triton()
+    try:
+        return importlib.import_module("megatron.core")
+    except Exception as err:
+        if _te_installed_but_broken():
+            raise RuntimeError(
+                "`import megatron.core` failed because Transformer Engine is installed but cannot "
+                "load (it needs CUDA libraries). On a CPU machine uninstall it "
+                "(pip uninstall -y transformer-engine transformer-engine-torch transformer-engine-cu12); "
+                f"on a GPU machine use an NGC PyTorch container. Original error: {err!r}"
+            ) from err
+        raise RuntimeError(
+            f"`import megatron.core` failed ({err!r}). Supported versions: megatron-core"
+            f"{SUPPORTED_MCORE} (installed: {MCORE_VERSION}); see docs/VERSIONS.md."
+        ) from err
+
+
+def _te_installed_but_broken() -> bool:
+    """Transformer Engine is installed but its PyTorch API does not import."""
+    try:
+        installed = importlib.util.find_spec("transformer_engine") is not None
+    except (ImportError, ValueError):
+        installed = False
+    return installed and not have_transformer_engine()
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU patches
+# ---------------------------------------------------------------------------------------------
+_APPLIED: list[str] = []
+_ORIGINALS: list[tuple[Any, str, Any]] = []  # (owner, attribute, original value), in patch order
+_MODE: Any = None  # the entered TorchFunctionMode
+_ABSENT = object()
+
+
+def _set(owner: Any, name: str, value: Any) -> None:
+    """setattr that remembers the original so :func:`revert_cpu_patches` can restore it."""
+    _ORIGINALS.append((owner, name, getattr(owner, name, _ABSENT)))
+    setattr(owner, name, value)
+
+
+def _patch_rng_tracker_to_cpu_generator() -> None:
+    """megatron's CUDA RNG tracker (``tensor_parallel.model_parallel_cuda_manual_seed``,
+    ``get_cuda_rng_tracker().fork()`` used around dropout and by activation recomputation)
+    calls ``torch.cuda.get_rng_state()`` / ``torch.cuda.default_generators``, which on a CPU
+    build raise ``AssertionError: Torch not compiled with CUDA enabled`` (or IndexError).
+    The tracker's states become states of the CPU default generator instead."""
+    import torch
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _set(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
+    _set(torch.cuda, "manual_seed", lambda seed: torch.manual_seed(seed))
+    _set(mrandom, "_get_cuda_rng_state", lambda *args, **kwargs: torch.get_rng_state())
+    _set(mrandom, "_set_cuda_rng_state", lambda new_state, *args, **kwargs: torch.set_rng_state(new_state))
+
+
+def _patch_global_memory_buffer_to_cpu() -> None:
+    """``megatron.core.utils.GlobalMemoryBuffer.get_tensor`` (scratch space of the
+    sequence-parallel all-gathers in tensor_parallel) allocates with
+    ``device=torch.cuda.current_device()``: ``AssertionError: Torch not compiled with CUDA
+    enabled`` on a CPU build. Allocate the buffer on the CPU."""
+    import operator
+
+    import torch
+    from megatron.core import utils as mutils
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        numel = functools.reduce(operator.mul, tensor_shape, 1)
+        buf = self.buffer.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self.buffer[(name, dtype)] = torch.empty(numel, dtype=dtype, device="cpu")
+        return buf[0:numel].view(*tensor_shape)
+
+    _set(mutils.GlobalMemoryBuffer, "get_tensor", get_tensor)
+
+
+class _CpuStream:
+    """Stand-in for torch.cuda.Stream: everything is already ordered on the CPU."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_event(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record_event(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuEvent:
+    """Stand-in for torch.cuda.Event(enable_timing=True): a wall-clock timestamp."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.t: float | None = None
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: _CpuEvent) -> float:
+        """Milliseconds from this event to ``end``, like CUDA events."""
+        return (end.t - self.t) * 1000.0
+
+
+def _patch_torch_cuda_device_and_streams() -> None:
+    """megatron-core allocates with ``device=torch.cuda.current_device()`` in ~200 places
+    (pipeline p2p buffers, DDP grad buffers, loss reductions, ...), calls
+    ``torch.cuda.synchronize()``, and asks for streams/events in DDP grad sync and the
+    inference controllers (``torch.cuda.Event(enable_timing=True)``). On a CPU build each of
+    these raises ``AssertionError: Torch not compiled with CUDA enabled`` (or ``RuntimeError``
+    for events). current_device() now answers "cpu", synchronize is a no-op, streams and
+    events are CPU stand-ins."""
+    import torch
+
+    stream = _CpuStream()
+    _set(torch.cuda, "current_device", lambda: "cpu")
+    _set(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    _set(torch.cuda, "current_stream", lambda *args, **kwargs: stream)
+    _set(torch.cuda, "default_stream", lambda *args, **kwargs: stream)
+    _set(torch.cuda, "Stream", _CpuStream)
+    _set(torch.cuda, "stream", lambda *args, **kwargs: contextlib.nullcontext())
+    _set(torch.cuda, "Event", _CpuEvent)
+
+
+def _is_cuda_device(device: Any) -> bool:
+    import torch
+
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):  # an int device is a CUDA ordinal
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _enter_cuda_to_cpu_function_mode() -> None:
+    """Hard-coded CUDA placement that no attribute patch reaches, e.g.
+    ``torch.zeros([], dtype=torch.int, device="cuda")`` in pipeline_parallel/schedules.py,
+    ``tensor.cuda()`` in the CLIP ViT and the optimizer, ``pin_memory=True`` in the inference
+    engine; each fails with ``AssertionError: Torch not compiled with CUDA enabled`` (or
+    ``RuntimeError: Found no NVIDIA driver``). Also the optimizer/distributed-optimizer/
+    clip_grads code selects params by ``param.type() == 'torch.cuda.FloatTensor'`` and raises
+    ``TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ...`` for CPU
+    tensors. A TorchFunctionMode maps device="cuda"/"cuda:N"/int devices to "cpu", makes
+    ``.cuda()`` and ``.pin_memory()`` identities, drops ``pin_memory=True``, and reports CPU
+    float tensors' ``.type()`` as their torch.cuda twin.
+
+    The mode is entered once on the calling thread (TorchFunctionModes are thread-local):
+    megatron calls made from other threads do not see it."""
+    global _MODE
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class CudaToCpuMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+                kwargs["device"] = "cpu"
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
+            if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+                return args[0]
+            if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], "cpu", *args[2:])
+            if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+                name = func(*args)
+                return _CUDA_TYPE_NAMES.get(name, name)
+            return func(*args, **kwargs)
+
+    _MODE = CudaToCpuMode()
+    _MODE.__enter__()
+
+
+def _patch_clip_vit_norm_without_te() -> None:
+    """Without Transformer Engine, ``CLIPViTModel`` defaults ``ln_pre_impl``/``ln_post_impl`` to
+    ``torch.nn.LayerNorm`` but builds them with ``build_module(..., config=...)``:
+    ``TypeError: LayerNorm.__init__() got an unexpected keyword argument 'config'``
+    (``LLaVAModel`` does not pass these arguments). Make megatron-core's ``WrappedTorchNorm``
+    the default instead. No-op when TE is importable."""
+    if have_transformer_engine():
+        return
+    import torch
+    from megatron.core.models.vision import clip_vit_model as cvm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    init = cvm.CLIPViTModel.__init__
+    if init.__defaults__:
+        _set(init, "__defaults__", tuple(
+            WrappedTorchNorm if d is torch.nn.LayerNorm else d for d in init.__defaults__))
+    if getattr(cvm, "NORM_IMPL", None) is torch.nn.LayerNorm:
+        _set(cvm, "NORM_IMPL", WrappedTorchNorm)
+
+
+def _patch_distopt_load_with_torch_adamw() -> None:
+    """With the torch.optim.AdamW fallback (no TE, no apex), loading a DistributedOptimizer
+    checkpoint ("fully_reshardable") fails in ``DistributedOptimizer.
+    _set_main_param_and_optimizer_states`` with ``KeyError: 'step'``: torch AdamW keeps a
+    per-param tensor ``step`` that the checkpoint does not carry. Fill every state key missing
+    from the checkpoint with the optimizer's own tensor, so that copy leaves it unchanged.
+    (Filling with None is not enough: 0.16.1 copies every key unconditionally.)"""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(original)
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        tensors = dict(tensors)
+        for key, value in self.optimizer.state.get(main_param, {}).items():
+            if key != "param" and key not in tensors:
+                tensors[key] = value
+        return original(self, model_param, tensors)
+
+    _set(DistributedOptimizer, "_set_main_param_and_optimizer_states", set_states)
+
+
+_CPU_PATCHES: tuple[tuple[str, Callable[[], None]], ...] = (
+    ("rng_tracker_cpu_generator", _patch_rng_tracker_to_cpu_generator),
+    ("global_memory_buffer_cpu", _patch_global_memory_buffer_to_cpu),
+    ("torch_cuda_device_and_streams", _patch_torch_cuda_device_and_streams),
+    ("cuda_to_cpu_function_mode", _enter_cuda_to_cpu_function_mode),
+    ("clip_vit_norm_without_te", _patch_clip_vit_norm_without_te),
+    ("distopt_load_torch_adamw", _patch_distopt_load_with_torch_adamw),
+)
+
+
+def apply_cpu_patches() -> None:
+    """Make megatron-core run on a machine without CUDA (gloo, fp32, local layer specs).
+
+    Idempotent; does nothing when ``torch.cuda.is_available()``. Imports megatron-core.
+    The names of the patches applied are returned by :func:`applied_patches`.
+    """
+    import torch
+
+    if _APPLIED or torch.cuda.is_available():
+        return
+    import_megatron_core()
+    try:
+        for name, patch in _CPU_PATCHES:
+            patch()
+            _APPLIED.append(name)
+    except BaseException:
+        revert_cpu_patches()
+        raise
+
+
+def applied_patches() -> tuple[str, ...]:
+    """Names of the CPU patches currently applied, in the order applied (empty on GPU)."""
+    return tuple(_APPLIED)
+
+
+def revert_cpu_patches() -> None:
+    """Undo :func:`apply_cpu_patches` (for tests). Call it on the thread that applied them."""
+    global _MODE
+    if _MODE is not None:
+        _MODE.__exit__(None, None, None)
+        _MODE = None
+    while _ORIGINALS:
+        owner, name, original = _ORIGINALS.pop()
+        if original is _ABSENT:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+    _APPLIED.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Version adapters (0.16.1 vs 0.19.x)
+# ---------------------------------------------------------------------------------------------
+def mlp_submodules(mlp_spec: Any) -> Any:
+    """The ``MLPSubmodules`` (linear_fc1, linear_fc2, ...) of a layer spec's ``mlp`` entry.
+
+    0.16: ``ModuleSpec(module=MLP, submodules=MLPSubmodules(...))``;
+    0.19: ``functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))``.
+    Example: ``mlp_submodules(get_gpt_layer_local_spec().submodules.mlp)``.
+    """
+    if isinstance(mlp_spec, functools.partial):
+        return mlp_spec.keywords["submodules"]
+    return mlp_spec.submodules
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@functools.cache
+def llava_hybrid_pattern_kwarg() -> str:
+    """LLaVAModel's keyword for a hybrid (Mamba) language model's layer pattern:
+    ``hybrid_override_pattern`` (0.16) or ``hybrid_layer_pattern`` (0.19)."""
+    from megatron.core.models.multimodal.llava_model import LLaVAModel
+
+    if _accepts(LLaVAModel.__init__, "hybrid_layer_pattern"):
+        return "hybrid_layer_pattern"
+    return "hybrid_override_pattern"
+
+
+@functools.cache
+def cross_entropy_takes_tp_group() -> bool:
+    """Whether megatron-core's ``vocab_parallel_cross_entropy`` accepts ``tp_group`` (0.19+)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as ce
+
+    return _accepts(ce, "tp_group")
+
+
+def vocab_parallel_cross_entropy(vocab_parallel_logits, target, label_smoothing: float = 0.0,
+                                 tp_group=None):
+    """megatron-core's ``vocab_parallel_cross_entropy`` with an explicit ``tp_group`` on every version.
+
+    Before 0.19 the function always reduces over parallel_state's tensor-parallel group; a
+    different ``tp_group`` is then a ValueError. NOTE: megatron-core overwrites
+    ``vocab_parallel_logits`` in place; pass a copy if the logits are needed afterwards.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as ce
+
+    if cross_entropy_takes_tp_group():
+        return ce(vocab_parallel_logits, target, label_smoothing, tp_group=tp_group)
+    if tp_group is not None and tp_group is not parallel_state.get_tensor_model_parallel_group():
+        raise ValueError(
+            f"megatron-core {MCORE_VERSION} reduces cross entropy over parallel_state's "
+            "tensor-parallel group only; got a different tp_group")
+    return ce(vocab_parallel_logits, target, label_smoothing)
+
+
+def dist_ckpt_save(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike, *,
+                   async_save: bool = False, content_metadata: dict | None = None,
+                   validate_access_integrity: bool = True):
+    """``dist_checkpointing.save`` with the default torch_dist strategy on every version.
+
+    Uses only the arguments both versions share. 0.16 also takes ``common_strategy`` and
+    strategy tuples; 0.19 drops them (always torch_dist) and defaults async saves to NVIDIA
+    resiliency-ext ("nvrx"), so without it the built-in "mcore" async strategy is chosen.
+    Returns the AsyncRequest when ``async_save`` (the caller schedules it), else None.
+    """
+    from megatron.core import dist_checkpointing
+
+    kwargs: dict[str, Any] = dict(async_sharded_save=async_save, content_metadata=content_metadata,
+                                  validate_access_integrity=validate_access_integrity)
+    if async_save and _accepts(dist_checkpointing.save, "async_strategy") and not _importable(
+            "nvidia_resiliency_ext"):
+        kwargs["async_strategy"] = "mcore"
+    return dist_checkpointing.save(sharded_state_dict, str(checkpoint_dir), **kwargs)
+
+
+def dist_ckpt_load(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike, *,
+                   strict: str = "assume_ok_unexpected", validate_access_integrity: bool = True):
+    """``dist_checkpointing.load`` with the arguments both versions share.
+
+    (0.16 also takes ``common_strategy``; 0.19 adds ``process_group``/``verify_integrity``.)
+    0.19 reads checkpoints written by 0.16; 0.16 cannot read those written by 0.19.
+    """
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir), strict=strict,
+                                   validate_access_integrity=validate_access_integrity)
