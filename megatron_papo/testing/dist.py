@@ -2,6 +2,8 @@
 
     results = run_distributed(fn, world_size=2, args=(x,))   # results[r] = fn(r, 2, x) on rank r
 
+Ranks are non-daemonic (like torchrun's), so they may start processes of their own, as
+megatron-core's checkpoint writer does; they are killed on every exit path of `run_distributed`.
 `fn` must be importable by name (a module-level function) because ranks are started with the
 "spawn" method. Each rank joins a real `torch.distributed` gloo group over loopback before `fn`
 runs and leaves it afterwards. An exception on any rank is re-raised here with that rank's
@@ -68,7 +70,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any]
     out: mp.Queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), threads_per_rank, out),
-                         daemon=True) for r in range(world_size)]
+                         daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -4,7 +4,6 @@ the dist-checkpoint adapters by a TP=2 save loaded at TP=1.
 Few tests on purpose (each spawn costs seconds): every one checks several things in one run.
 """
 
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -119,14 +118,7 @@ def _gpt_tp2_vs_tp1(rank: int, world: int, ckpt_dir: str) -> dict:
     out["patches"] = mcore_compat.applied_patches()
     model = _tiny_gpt(2)
     out["tp2"] = _loss(model)
-    # The torch_dist writer starts a multiprocessing Manager, which a daemonic process may not:
-    # the harness's ranks are daemonic (torchrun's are not), so lift the flag for the save.
-    me = multiprocessing.current_process()
-    daemon, me.daemon = me.daemon, False
-    try:
-        mcore_compat.dist_ckpt_save(model.sharded_state_dict(), ckpt_dir)  # torch_dist, TP=2 shards
-    finally:
-        me.daemon = daemon
+    mcore_compat.dist_ckpt_save(model.sharded_state_dict(), ckpt_dir)  # torch_dist, TP=2 shards
     barrier()
     pg = init_distributed(tp=1)  # rebuilds the parallel state in the same processes: dp=2
     out["dp_size"] = pg.dp_size
