@@ -1,0 +1,236 @@
+"""Fused PAPO token-stats op vs the naive path: time and peak memory.
+
+    python benchmarks/bench_papo_op.py                       # T=4096, V=152064, tp=1, bf16, CPU
+    python benchmarks/bench_papo_op.py --T 512 --V 32768     # quick
+    python benchmarks/bench_papo_op.py --tp 2                # gloo ranks via run_distributed
+    python benchmarks/bench_papo_op.py --device cuda         # GPU: cuda events, max_memory_allocated
+
+Variants (both compute log p(y), log q(y), KL(p||q), H(p), H(q) and backpropagate into both logit
+tensors with a loss that uses all five):
+  naive: all-gather the TP shards into [T, V], upcast to fp32, log_softmax, autograd backward
+         (megatron_papo.ops.reference.naive_papo_token_stats);
+  fused: megatron_papo.ops.papo_token_stats (chunked, hand-written backward).
+
+Memory. CPU: every variant runs in a fresh process (a subprocess, or fresh gloo ranks for
+--tp > 1). After the inputs are built, the kernel's peak-RSS mark (VmHWM) is reset by writing 5
+to /proc/self/clear_refs, and "peak extra" = VmHWM - VmRSS(before), i.e. the highest resident
+memory above the inputs reached during forward + backward (it includes the [T, V_local]
+gradients, which every variant must return, and the autograd graph). The children run with
+MALLOC_MMAP_THRESHOLD_=65536 so glibc returns every freed block above 64 KiB to the OS and RSS
+follows live tensors; a warm-up call on 8 tokens first pages in the kernels' code. With
+--tp > 1 the numbers are the maximum over ranks. Times come from a second fresh run with
+glibc's default malloc (the fixed threshold adds page-fault cost to every chunk buffer).
+CUDA: torch.cuda.max_memory_allocated() - memory_allocated() before the step.
+Time: wall clock (CPU) or cuda events (GPU), best of --repeats (after one warm-up on GPU).
+A naive CPU run estimated not to fit in the available RAM is skipped and reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+SEP = "BENCH_RESULT "
+
+
+def _read_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _inputs(t: int, v_local: int, vocab_size: int, dtype: torch.dtype, device: str, rank: int):
+    """This rank's logit shards (seeded by rank), and targets / loss weights shared by all ranks."""
+    gen = torch.Generator(device=device).manual_seed(rank)
+    z = torch.randn(t, v_local, generator=gen, dtype=dtype, device=device).mul_(3)
+    zq = torch.randn(t, v_local, generator=gen, dtype=dtype, device=device).mul_(3)
+    gen.manual_seed(12345)
+    y = torch.randint(0, vocab_size, (t,), generator=gen, device=device)
+    w = torch.randn(5, t, generator=gen, device=device)
+    return z.requires_grad_(), zq.requires_grad_(), y, w
+
+
+def _step(variant: str, z, zq, y, group, vocab_size: int, chunk_size: int | None):
+    from megatron_papo.ops import papo_token_stats
+    from megatron_papo.ops.reference import naive_papo_token_stats
+
+    if variant == "fused":
+        return papo_token_stats(z, zq, y, group, vocab_size, chunk_size=chunk_size)
+    return naive_papo_token_stats(z, zq, y, group, vocab_size)
+
+
+def _loss(s, w):
+    stats = (s.log_probs, s.masked_log_probs, s.kl, s.entropy, s.masked_entropy)
+    return sum((x * w[i]).sum() for i, x in enumerate(stats))
+
+
+def measure(variant: str, t: int, v_local: int, dtype: torch.dtype, device: str, repeats: int,
+            group: dist.ProcessGroup | None, rank: int, vocab_size: int, chunk_size: int | None) -> dict:
+    """Time forward and forward+backward; peak extra memory over the inputs. One process, one variant."""
+    # warm-up on a few tokens first: the first call of each kernel pages in library code, which
+    # would otherwise show up in the RSS peak
+    z, zq, y, w = _inputs(min(t, 8), v_local, vocab_size, dtype, device, rank)
+    _loss(_step(variant, z, zq, y, group, vocab_size, chunk_size), w).backward()
+    z, zq, y, w = _inputs(t, v_local, vocab_size, dtype, device, rank)
+    cuda = device == "cuda"
+    fwd_ms, total_ms, peak = [], [], 0
+    runs = repeats + (1 if cuda else 0)
+    for i in range(runs):
+        z.grad = zq.grad = None
+        if group is not None:
+            dist.barrier(group)
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            ev[0].record()
+        else:
+            _reset_peak_rss()
+            base = _read_status_kb("VmRSS") * 1024
+            t0 = time.perf_counter()
+        s = _step(variant, z, zq, y, group, vocab_size, chunk_size)
+        loss = _loss(s, w)
+        if cuda:
+            ev[1].record()
+        else:
+            t1 = time.perf_counter()
+        loss.backward()
+        if cuda:
+            ev[2].record()
+            torch.cuda.synchronize()
+            f, b = ev[0].elapsed_time(ev[1]), ev[0].elapsed_time(ev[2])
+            extra = torch.cuda.max_memory_allocated() - base
+        else:
+            t2 = time.perf_counter()
+            f, b = (t1 - t0) * 1e3, (t2 - t0) * 1e3
+            extra = _read_status_kb("VmHWM") * 1024 - base
+        del s, loss
+        if cuda and i == 0:
+            continue  # warm-up
+        fwd_ms.append(f)
+        total_ms.append(b)
+        peak = max(peak, extra)
+    return {"variant": variant, "T": t, "V_local": v_local, "dtype": str(dtype).replace("torch.", ""),
+            "fwd_ms": min(fwd_ms), "fwd_bwd_ms": min(total_ms), "peak_extra_mb": peak / 2**20}
+
+
+def _rank_fn(rank: int, world: int, variant: str, t: int, v_local: int, dtype_name: str, repeats: int,
+             chunk_size: int | None) -> dict:
+    group = dist.new_group(list(range(world)))
+    return measure(variant, t, v_local, getattr(torch, dtype_name), "cpu", repeats, group, rank,
+                   v_local * world, chunk_size)
+
+
+def run_variant(args, variant: str, fixed_mmap: bool) -> dict:
+    """One variant in fresh process(es); returns its measurements.
+
+    fixed_mmap: run the children with MALLOC_MMAP_THRESHOLD_=65536 (memory phase, see the module
+    docstring); the time phase uses glibc's default malloc, as a training process would.
+    """
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if fixed_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if args.tp > 1:
+        from megatron_papo.testing import run_distributed
+
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env)  # spawned ranks start fresh interpreters with this environment
+        try:
+            threads = max(1, (os.cpu_count() or 1) // args.tp)
+            rank_args = (variant, args.T, args.V // args.tp, args.dtype, args.repeats, args.chunk_size)
+            res = run_distributed(_rank_fn, args.tp, rank_args, timeout=3000, threads_per_rank=threads)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        out = dict(res[0])
+        for key in ("peak_extra_mb", "fwd_ms", "fwd_bwd_ms"):
+            out[key] = max(r[key] for r in res)
+        return out
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--T", str(args.T),
+           "--V", str(args.V), "--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats)]
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} failed (exit {proc.returncode}; -9 = killed, e.g. out of memory):\n"
+                           f"{proc.stderr}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(SEP))
+    return json.loads(line[len(SEP):])
+
+
+# The naive path's peak on CPU, measured at T=512, V=152064 bf16: ~46 bytes per [T, V] element
+# (about 11.5 fp32 copies). Used to skip a run that cannot fit in RAM instead of swapping/OOM.
+NAIVE_BYTES_PER_ELEMENT = 46
+
+
+def _naive_fits(args) -> tuple[bool, str]:
+    import psutil
+
+    need = NAIVE_BYTES_PER_ELEMENT * args.T * args.V * args.tp  # every rank gathers the full V
+    avail = psutil.virtual_memory().available
+    why = f"needs ~{need / 2**30:.0f} GiB (estimated), {avail / 2**30:.0f} GiB available"
+    return need < 0.85 * avail, why
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, default=4096, help="tokens")
+    p.add_argument("--V", type=int, default=152064, help="global (padded) vocabulary; V_local = V / tp")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--variants", default="naive,fused")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.V % args.tp:
+        p.error(f"--V {args.V} must be divisible by --tp {args.tp}")
+    if args.device == "cuda" and args.tp > 1:
+        p.error("--device cuda supports --tp 1 only (launch under torchrun for more)")
+
+    if args.worker:  # inside the fresh subprocess of one variant
+        torch.set_num_threads(os.cpu_count() or 1)
+        r = measure(args.worker, args.T, args.V, getattr(torch, args.dtype), args.device, args.repeats,
+                    None, 0, args.V, args.chunk_size)
+        print(SEP + json.dumps(r), flush=True)
+        return
+
+    print(f"# torch {torch.__version__}, nproc {os.cpu_count()}, device {args.device}, tp {args.tp}")
+    header = "| variant | tp | T | V_local | dtype | fwd ms | fwd+bwd ms | peak extra MB |"
+    print(header + "\n|---|---|---|---|---|---|---|---|", flush=True)
+    for variant in args.variants.split(","):
+        row = f"| {variant} | {args.tp} | {args.T} | {args.V // args.tp} | {args.dtype} | "
+        if variant == "naive" and args.device == "cpu":
+            fits, why = _naive_fits(args)
+            if not fits:
+                print(row + f"skipped | skipped | {why} |", flush=True)
+                continue
+        if args.device == "cuda":
+            r = run_variant(args, variant, fixed_mmap=False)
+            peak = r["peak_extra_mb"]
+        else:
+            peak = run_variant(args, variant, fixed_mmap=True)["peak_extra_mb"]
+            r = run_variant(args, variant, fixed_mmap=False)
+        print(row + f"{r['fwd_ms']:.0f} | {r['fwd_bwd_ms']:.0f} | {peak:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
