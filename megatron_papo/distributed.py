@@ -2,7 +2,7 @@
 :class:`ProcessGroups` bundle that the rest of the code receives explicitly.
 
     pg = init_distributed(tp=2, pp=1, cp=1)       # under torchrun (or any initialised world)
-    loss = vocab_parallel_logprob(logits, labels, pg.tp)
+    log_probs = vocab_parallel_log_probs(logits, target, pg.tp)   # megatron_papo.ops
     destroy_distributed()
 
 Backends: nccl when CUDA is available, else gloo (then megatron-core's CPU patches are applied,
