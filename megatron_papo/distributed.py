@@ -34,6 +34,7 @@ __all__ = [
     "broadcast_object",
     "destroy_distributed",
     "init_distributed",
+    "init_distributed_from_config",
     "is_rank_zero",
 ]
 
@@ -213,6 +214,24 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, vpp: int | None =
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ProcessGroups.from_parallel_state()
+
+
+def init_distributed_from_config(parallel: Any, *, seed: int | None = 1234, backend: str | None = None,
+                                 timeout_s: float = 1800) -> ProcessGroups:
+    """`init_distributed` with the sizes of a `config.ParallelConfig` (parallel.tp/pp/cp/vpp).
+
+    Also runs the config's cross-section check against the actual world size first, so a
+    layout that does not fit the launched ranks stops with the config's own message.
+    """
+    from megatron_papo.config import ConfigError
+
+    world = dist.get_world_size() if dist.is_initialized() else _env_int("WORLD_SIZE", 1)
+    mp = parallel.tp * parallel.pp * parallel.cp
+    if world % mp:
+        raise ConfigError(f"world size {world} is not divisible by parallel.tp*pp*cp = "
+                          f"{parallel.tp}*{parallel.pp}*{parallel.cp} = {mp}")
+    return init_distributed(parallel.tp, parallel.pp, parallel.cp, vpp=parallel.vpp, backend=backend,
+                            timeout_s=timeout_s, seed=seed)
 
 
 def destroy_distributed() -> None:

@@ -42,6 +42,15 @@ def _layout(rank: int, world: int) -> dict:
             dist.all_reduce(x, group=getattr(pg, name))
             info[f"sum_{name}"] = x.item()
         out[(tp, pp, cp)] = info
+    from megatron_papo.config import ConfigError, ParallelConfig
+    from megatron_papo.distributed import init_distributed_from_config
+
+    pg = init_distributed_from_config(ParallelConfig(tp=1, pp=2, cp=1))  # sizes from the config tree
+    out["from_config"] = (pg.tp_size, pg.pp_size, pg.dp_size)
+    try:
+        init_distributed_from_config(ParallelConfig(tp=3))
+    except ConfigError as e:
+        out["bad_config"] = str(e)
     out["bcast"] = broadcast_object({"from": rank}, src=0)
     out["rank_zero"] = is_rank_zero()
     barrier()
@@ -73,6 +82,8 @@ def test_layouts_world4():
         assert (b["sum_dp"], b["sum_pp"], b["sum_mp"]) == (r + 1, r + 1, 3.0 if r < 2 else 7.0)
         assert out["bcast"] == {"from": 0} and out["rank_zero"] == (r == 0)
         assert out["default_group_kept"]
+        assert out["from_config"] == (1, 2, 2)
+        assert "world size 4 is not divisible by parallel.tp*pp*cp = 3*1*1 = 3" in out["bad_config"]
 
 
 def _tiny_gpt(tp: int, seed: int = 42):
