@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.60",
     "pillow>=10.0",
     "math-verify[antlr4_13_2]>=0.7",
+    "easy-vqa>=1.0",  # ships a real VQA set (38k questions on 64x64 images): the built-in dataset
+    "pyarrow>=14",  # Parquet rows (the ViRL39K layout)
 ]
 
 EXTRAS_REQUIRE = {
