@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "math-verify[antlr4_13_2]>=0.7",
     "easy-vqa>=1.0",  # ships a real VQA set (38k questions on 64x64 images): the built-in dataset
     "pyarrow>=14",  # Parquet rows (the ViRL39K layout)
+    "tensorboard>=2.14",  # metrics events (torch.utils.tensorboard)
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,0 +1,167 @@
+"""Step metrics: reduction across micro-batches and ranks, JSONL + TensorBoard output, progress bar.
+
+The losses return detached 0-dim tensors (no host sync inside the maths). The trainer collects
+them per micro-batch and calls `reduce_step_metrics` once per step: one stacked all-reduce over
+the data-parallel group and one host transfer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# Metrics that are maxima / minima across micro-batches and ranks; everything else is a
+# token-weighted mean (weight = the micro-batch's "num_tokens" entry when present).
+_MAX_KEYS = ("ratio_max",)
+_MIN_KEYS = ("ratio_min",)
+
+
+def reduce_step_metrics(per_micro_batch: Sequence[Mapping[str, Tensor]],
+                        group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """Average metrics over micro-batches (token-weighted) and over the ranks of `group`.
+
+    Args:
+        per_micro_batch: one dict of 0-dim tensors per micro-batch (same keys in each);
+            a "num_tokens" entry, if present, weights the means and is summed.
+        group: data-parallel group (None = this process only).
+    Returns:
+        plain floats; "num_tokens" is the global token count.
+    """
+    if not per_micro_batch:
+        return {}
+    keys = sorted(per_micro_batch[0])
+    weights = torch.stack([m["num_tokens"].float() if "num_tokens" in m else torch.ones(())
+                           for m in per_micro_batch])
+    sums, maxes, mins = [], [], []
+    for k in keys:
+        vals = torch.stack([m[k].float().reshape(()) for m in per_micro_batch])
+        if k in _MAX_KEYS:
+            maxes.append(vals.max())
+        elif k in _MIN_KEYS:
+            mins.append(vals.min())
+        elif k == "num_tokens":
+            sums.append(vals.sum())
+        else:
+            sums.append((vals * weights).sum())
+    sum_vec = torch.stack([*sums, weights.sum()])
+    max_vec = torch.stack([*maxes, *(-v for v in mins)]) if (maxes or mins) else None
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(sum_vec, group=group)
+        if max_vec is not None:
+            dist.all_reduce(max_vec, op=dist.ReduceOp.MAX, group=group)
+    sum_list = sum_vec.tolist()
+    max_list = [] if max_vec is None else max_vec.tolist()
+    total_weight = sum_list[-1]
+    out: dict[str, float] = {}
+    si = mi = 0
+    for k in keys:
+        if k in _MAX_KEYS:
+            out[k] = max_list[mi]
+            mi += 1
+        elif k in _MIN_KEYS:
+            out[k] = -max_list[mi]
+            mi += 1
+        elif k == "num_tokens":
+            out[k] = sum_list[si]
+            si += 1
+        else:
+            out[k] = sum_list[si] / total_weight if total_weight > 0 else math.nan
+            si += 1
+    return out
+
+
+class MetricsLogger:
+    """Writes one JSON line per logged step to `<dir>/metrics.jsonl` and TensorBoard events.
+
+    Only the rank given `enabled=True` (rank 0) writes. TensorBoard is optional: if
+    `torch.utils.tensorboard` cannot import, the JSONL file is still written and a note is
+    printed once.
+    """
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 resume: bool = False) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._tb = None
+        self._start = time.time()
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            except ImportError as e:
+                print(f"[megatron_papo] TensorBoard disabled ({e}); metrics still go to {self.path}")
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Append `metrics` for `step` (floats; non-finite values are written as null)."""
+        if not self.enabled:
+            return
+        row: dict[str, Any] = {"step": step, "time_s": round(time.time() - self._start, 3)}
+        for k, v in metrics.items():
+            row[k] = float(v) if math.isfinite(float(v)) else None
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if math.isfinite(float(v)):
+                    self._tb.add_scalar(k, float(v), step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class ProgressBar:
+    """tqdm bar with ETA on rank 0 (a no-op elsewhere or when disabled)."""
+
+    def __init__(self, total: int, initial: int = 0, *, enabled: bool = True, desc: str = "train") -> None:
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, smoothing=0.3)
+
+    def update(self, metrics: Mapping[str, float],
+               keys: Sequence[str] = ("reward", "accuracy", "kl_prcp")) -> None:
+        if self._bar is None:
+            return
+        self._bar.set_postfix({k: f"{metrics[k]:.3f}" for k in keys if k in metrics}, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], *, window: int = 5) -> str:
+    """A short end-of-run table: first-window mean, last-window mean of each key."""
+    lines = [f"{'metric':24s} {'first ' + str(window):>12s} {'last ' + str(window):>12s}"]
+    for k in keys:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        if not vals:
+            continue
+        first = sum(vals[:window]) / len(vals[:window])
+        last = sum(vals[-window:]) / len(vals[-window:])
+        lines.append(f"{k:24s} {first:12.4f} {last:12.4f}")
+    return "\n".join(lines)

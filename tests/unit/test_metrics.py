@@ -1,0 +1,49 @@
+"""Step-metric reduction and the JSONL/TensorBoard logger."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_papo.metrics import MetricsLogger, read_metrics, reduce_step_metrics, summarize
+
+
+def test_token_weighted_means_and_extremes():
+    mbs = [
+        {"kl_prcp": torch.tensor(1.0), "ratio_max": torch.tensor(1.5), "ratio_min": torch.tensor(0.9),
+         "num_tokens": torch.tensor(10.0)},
+        {"kl_prcp": torch.tensor(4.0), "ratio_max": torch.tensor(1.2), "ratio_min": torch.tensor(0.7),
+         "num_tokens": torch.tensor(30.0)},
+    ]
+    out = reduce_step_metrics(mbs)
+    assert out["kl_prcp"] == pytest.approx((10 * 1 + 30 * 4) / 40)
+    assert out["ratio_max"] == pytest.approx(1.5) and out["ratio_min"] == pytest.approx(0.7)
+    assert out["num_tokens"] == 40
+    assert reduce_step_metrics([]) == {}
+
+
+def test_unweighted_without_token_counts():
+    out = reduce_step_metrics([{"reward": torch.tensor(1.0)}, {"reward": torch.tensor(0.0)}])
+    assert out["reward"] == pytest.approx(0.5)
+
+
+def test_logger_writes_jsonl_and_tensorboard(tmp_path):
+    log = MetricsLogger(tmp_path / "run", tensorboard=True)
+    log.log(1, {"reward": 0.5, "kl_prcp": float("nan")})
+    log.log(2, {"reward": 0.75})
+    log.close()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["kl_prcp"] is None and rows[1]["reward"] == 0.75
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    text = summarize(rows, ["reward"], window=1)
+    assert "reward" in text and "0.5000" in text and "0.7500" in text
+
+
+def test_resume_appends_and_disabled_writes_nothing(tmp_path):
+    MetricsLogger(tmp_path, tensorboard=False).log(1, {"a": 1.0})
+    MetricsLogger(tmp_path, tensorboard=False, resume=True).log(2, {"a": 2.0})
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    MetricsLogger(tmp_path / "other", enabled=False).log(1, {"a": 1.0})
+    assert not (tmp_path / "other").exists()
+    assert math.isnan(reduce_step_metrics([{"x": torch.tensor(1.0), "num_tokens": torch.tensor(0.0)}])["x"])
