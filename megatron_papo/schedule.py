@@ -1,0 +1,95 @@
+"""Micro-batched forward (and backward) passes through megatron-core's pipeline schedules.
+
+Every pass over a batch, the no-grad log-prob passes and the update alike, goes through
+`run_microbatches`, so pipeline parallelism (1F1B, interleaved) works unchanged:
+
+    outs = run_microbatches(chunks, micro_batches, forward_fn, loss_fn, forward_only=True, ...)
+
+`forward_fn(model, mb)` runs one chunk on one micro-batch and returns its output tensor (the
+logits on the last stage, hidden states elsewhere: the model reads its pipeline input from
+`set_input_tensor`). `loss_fn(mb, output)` runs on the last stage only and returns
+`(loss, metrics)`; the metrics dicts of all micro-batches come back on the last stage (empty
+list elsewhere).
+
+Loss scaling. With a 2-tuple loss, megatron-core's schedule multiplies each micro-batch loss by
+cp / M (M micro-batches) and its DDP averages gradients over dp * cp ranks, so the gradient is
+that of sum_{ranks, micro-batches} loss / (dp * M). A loss that is already this rank's share of
+a global mean (normalised by the global token count) must therefore be scaled by dp * M:
+`global_mean_loss_scale(dp_size, num_microbatches)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ForwardFn = Callable[[torch.nn.Module, Mapping[str, Any]], Tensor]
+LossFn = Callable[[Mapping[str, Any], Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+def global_mean_loss_scale(dp_size: int, num_microbatches: int) -> float:
+    """Factor that turns per-rank shares of a global mean into the right gradient (module doc)."""
+    return float(dp_size * num_microbatches)
+
+
+def configure_model_for_schedule(model_chunks: Sequence[torch.nn.Module]) -> None:
+    """Point the model config at megatron-core's grad finalisation (DDP sync, embedding sync).
+
+    Needed once after wrapping in megatron-core DDP: the schedule then calls
+    `finalize_model_grads` after the last backward, which finishes the data-parallel gradient
+    reduction and the tied-embedding all-reduce across pipeline stages.
+    """
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model_chunks[0])
+    config.finalize_model_grads_func = finalize_model_grads
+    if len(model_chunks) == 1 and hasattr(model_chunks[0], "no_sync"):
+        config.no_sync_func = model_chunks[0].no_sync
+
+
+def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[Mapping[str, Any]],
+                     forward_fn: ForwardFn, loss_fn: LossFn, *, forward_only: bool, seq_length: int,
+                     micro_batch_size: int, loss_scale: float = 1.0) -> list[dict[str, Tensor]]:
+    """Run every micro-batch through the pipeline schedule; return the loss_fn metrics (last stage).
+
+    Args:
+        model_chunks: the model (one chunk, or one per virtual pipeline stage), DDP-wrapped for
+            training or bare for forward-only passes.
+        micro_batches: dicts of tensors, each with `micro_batch_size` rows and `seq_length`
+            positions (pipeline p2p buffers are [seq_length, micro_batch_size, hidden]).
+        forward_fn, loss_fn: see the module docstring.
+        forward_only: no backward (log-prob passes); wrap the call in torch.no_grad().
+        loss_scale: multiplies each micro-batch loss before backward (`global_mean_loss_scale`).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+
+    def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[Tensor, Callable]:
+        mb = next(data_iterator)
+        output = forward_fn(model, mb)
+
+        def loss_func(output_tensor: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            loss, metrics = loss_fn(mb, output_tensor)
+            return loss * loss_scale, metrics
+
+        return output, loss_func
+
+    chunks = list(model_chunks)
+    # one iterator per virtual stage: each chunk walks the same micro-batches
+    data = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    return list(out or [])
