@@ -22,22 +22,32 @@ from torch import Tensor
 # token-weighted mean (weight = the micro-batch's "num_tokens" entry when present).
 _MAX_KEYS = ("ratio_max",)
 _MIN_KEYS = ("ratio_min",)
+# Constants of the step (the same in every micro-batch): reported as they are.
+_CONST_KEYS = ("gamma",)
 
 
 def reduce_step_metrics(per_micro_batch: Sequence[Mapping[str, Tensor]],
-                        group: dist.ProcessGroup | None = None) -> dict[str, float]:
-    """Average metrics over micro-batches (token-weighted) and over the ranks of `group`.
+                        group: dist.ProcessGroup | None = None, *,
+                        mode: str = "weighted") -> dict[str, float]:
+    """Combine metrics over micro-batches and over the ranks of `group`.
 
     Args:
         per_micro_batch: one dict of 0-dim tensors per micro-batch (same keys in each);
             a "num_tokens" entry, if present, weights the means and is summed.
         group: data-parallel group (None = this process only).
+        mode: "weighted": each value is a per-micro-batch mean, combined token-weighted;
+            "sum": each value is already this micro-batch's share of a global mean (the loss
+            was normalised by the global token count), so shares are summed.
     Returns:
         plain floats; "num_tokens" is the global token count.
     """
+    if mode not in ("weighted", "sum"):
+        raise ValueError(f"reduce_step_metrics: mode must be 'weighted' or 'sum', got {mode!r}")
     if not per_micro_batch:
         return {}
     keys = sorted(per_micro_batch[0])
+    const = {k: float(per_micro_batch[0][k]) for k in keys if k in _CONST_KEYS}
+    keys = [k for k in keys if k not in _CONST_KEYS]
     weights = torch.stack([m["num_tokens"].float() if "num_tokens" in m else torch.ones(())
                            for m in per_micro_batch])
     sums, maxes, mins = [], [], []
@@ -47,7 +57,7 @@ def reduce_step_metrics(per_micro_batch: Sequence[Mapping[str, Tensor]],
             maxes.append(vals.max())
         elif k in _MIN_KEYS:
             mins.append(vals.min())
-        elif k == "num_tokens":
+        elif k == "num_tokens" or mode == "sum":
             sums.append(vals.sum())
         else:
             sums.append((vals * weights).sum())
@@ -69,12 +79,13 @@ def reduce_step_metrics(per_micro_batch: Sequence[Mapping[str, Tensor]],
         elif k in _MIN_KEYS:
             out[k] = -max_list[mi]
             mi += 1
-        elif k == "num_tokens":
+        elif k == "num_tokens" or mode == "sum":
             out[k] = sum_list[si]
             si += 1
         else:
             out[k] = sum_list[si] / total_weight if total_weight > 0 else math.nan
             si += 1
+    out.update(const)
     return out
 
 

@@ -47,3 +47,13 @@ def test_resume_appends_and_disabled_writes_nothing(tmp_path):
     MetricsLogger(tmp_path / "other", enabled=False).log(1, {"a": 1.0})
     assert not (tmp_path / "other").exists()
     assert math.isnan(reduce_step_metrics([{"x": torch.tensor(1.0), "num_tokens": torch.tensor(0.0)}])["x"])
+
+
+def test_sum_mode_adds_shares_and_keeps_constants():
+    mbs = [{"kl_prcp": torch.tensor(0.25), "gamma": torch.tensor(0.02), "num_tokens": torch.tensor(5.0)},
+           {"kl_prcp": torch.tensor(0.5), "gamma": torch.tensor(0.02), "num_tokens": torch.tensor(15.0)}]
+    out = reduce_step_metrics(mbs, mode="sum")
+    assert out["kl_prcp"] == pytest.approx(0.75) and out["num_tokens"] == 20
+    assert out["gamma"] == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="mode"):
+        reduce_step_metrics(mbs, mode="mean")
