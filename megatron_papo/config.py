@@ -195,7 +195,32 @@ class TrainConfig:
     seed: int = 1234
     """Global seed (model init, data order, sampling, masks)."""
     sft_warmup_steps: int = 0
-    """Optional supervised warm-start steps before RL (0 = off)."""
+    """Optional supervised warm-start steps before RL (0 = off): cross-entropy on
+    `<think> </think> \\boxed{answer}` targets from a slice of the training data kept apart from RL."""
+    sft_batch_size: int = 32
+    """Prompts per supervised warm-start step."""
+    sft_lr: float = 1e-3
+    """Learning rate of the warm-start steps."""
+    sft_prompts: int = 2000
+    """Training prompts reserved for the warm start (the first N of the shuffled set; RL uses the rest)."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (accuracy avg@k with original and with masked images)."""
+
+    num_prompts: int = 256
+    """Prompts of the eval split to score (the first N; 0 = all)."""
+    k: int = 4
+    """Responses per prompt; accuracy is averaged over them (avg@k)."""
+    temperature: float = 1.0
+    """Sampling temperature for evaluation (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus mass for evaluation."""
+    interval: int = 0
+    """Evaluate every N steps during training (0 = only at the end; -1 = never)."""
+    masked: bool = True
+    """Also evaluate with patch-masked images (the gap measures reliance on vision)."""
 
 
 @dataclass
@@ -241,6 +266,7 @@ class PapoConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -488,6 +514,14 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
     if not 0 <= cfg.algorithm.filter_low < cfg.algorithm.filter_high <= 1:
         raise ConfigError("algorithm.filter_low/filter_high: expected 0 <= low < high <= 1, got "
                           f"{cfg.algorithm.filter_low}, {cfg.algorithm.filter_high}")
+    ev = cfg.evaluation
+    if ev.k < 1 or ev.num_prompts < 0 or ev.temperature < 0 or not 0 < ev.top_p <= 1:
+        raise ConfigError(f"evaluation: need k >= 1, num_prompts >= 0, temperature >= 0, 0 < top_p <= 1; "
+                          f"got k={ev.k}, num_prompts={ev.num_prompts}, temperature={ev.temperature}, "
+                          f"top_p={ev.top_p}")
+    if tr.sft_warmup_steps < 0 or (tr.sft_warmup_steps and (tr.sft_batch_size < 1 or tr.sft_prompts < 1)):
+        raise ConfigError("train.sft_*: need sft_warmup_steps >= 0, and sft_batch_size, sft_prompts >= 1 "
+                          "when the warm start is on")
     if cfg.checkpoint.resume and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.resume: needs checkpoint.dir")
     if cfg.data.max_prompt_length + ro.max_new_tokens > model.seq_length:
