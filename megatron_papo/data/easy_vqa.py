@@ -1,0 +1,79 @@
+"""The built-in easy-VQA source (``easy_vqa:train`` / ``easy_vqa:test``) from the `easy_vqa` package.
+
+easy-VQA: 64x64 RGB PNGs of one coloured shape; 38,575 train questions on 4,000 images and
+9,673 test questions on 1,000 images; 13 answers (yes/no, 3 shapes, 8 colours).
+
+Quirks worth knowing:
+- Image ids restart at 0 in each split (train 0-3999, test 0-999): an id alone does not name an
+  image. Rows are named ``easy_vqa:<split>#<row>`` and carry the split's own file path.
+- The two splits are different files with different bytes (no test image is a copy of a train
+  image); the 107 distinct question texts are the same in both splits (templated questions).
+- About 74% of the questions are yes/no.
+
+The test split is held out: :func:`megatron_papo.data.rows.load_rows` refuses it for training.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from megatron_papo.data.rows import RawRow
+
+SPLITS = ("train", "test")
+EASY_VQA_ANSWERS: tuple[str, ...] = (
+    "circle", "green", "red", "gray", "yes", "teal", "black",
+    "rectangle", "yellow", "triangle", "brown", "blue", "no",
+)
+"""The 13 answers, in the order of the package's answers.txt."""
+
+
+@dataclass(frozen=True)
+class EasyVqaSplit:
+    """One split as the package ships it (parallel lists + image id -> path)."""
+
+    questions: list[str]
+    answers: list[str]
+    image_ids: list[int]
+    image_paths: dict[int, str]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"easy_vqa has splits {SPLITS}, got {split!r}")
+
+
+@functools.cache
+def load_split(split: str) -> EasyVqaSplit:
+    """Read a split's questions and image paths from the installed package (cached)."""
+    _check_split(split)
+    import easy_vqa
+
+    if split == "train":
+        questions, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    else:
+        questions, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    return EasyVqaSplit(list(questions), list(answers), [int(i) for i in image_ids], dict(paths))
+
+
+def easy_vqa_train_questions() -> list[str]:
+    """All train questions (the tokenizer's corpus)."""
+    return load_split("train").questions
+
+
+def easy_vqa_rows(split: str) -> Iterator[RawRow]:
+    """Rows of one split, in the package's order. A question whose image file is not listed
+    gets the would-be path, so the dataset counts it as a missing image instead of crashing."""
+    data = load_split(split)
+    source = f"easy_vqa:{split}"
+    for row, (question, answer, image_id) in enumerate(zip(data.questions, data.answers, data.image_ids)):
+        path = data.image_paths.get(image_id, f"<easy_vqa {split} image {image_id} not shipped>")
+        yield RawRow(source=source, row=row, question=question, answer=answer, image=path,
+                     meta={"image_id": image_id, "split": split})
+
+
+__all__ = ["EASY_VQA_ANSWERS", "SPLITS", "EasyVqaSplit", "easy_vqa_rows", "easy_vqa_train_questions",
+           "load_split"]
