@@ -1,0 +1,303 @@
+"""Generation with the training model itself (megatron-core, any machine, any tensor parallelism).
+
+    engine = MegatronRolloutEngine(gpt_forward_fn(model), tp_group=pg.tp, vocab_size=V,
+                                   eos_id=tok.eos_id, pad_id=tok.pad_id, model=model)
+    result = engine.generate(RolloutRequest(prompt_ids), SamplingParams(n=5, seed=step))
+
+Decoding is batched over all prompts x n responses (optionally in chunks of ``max_batch_size``
+rows). Prompts are left-padded so every row's next token sits in the last column; positions
+count from each row's first real token, so padding does not change a row's tokens.
+
+Tensor parallelism: each TP rank runs ``forward_fn`` on its shard and gets ``[B, S, V/tp]``
+vocab-parallel logits; only the LAST position ``[B, V/tp]`` is all-gathered (``[B, V]``, small),
+and every TP rank samples with an identically seeded generator, so all ranks pick the same
+tokens without broadcasting them. One all-reduce per batch checks that they did
+(``check_tp_agreement``; ``debug=True`` checks after every step).
+
+Cost: this engine recomputes the whole sequence at every step (no KV cache): generating L
+tokens after a P-token prompt costs ~sum_{t<L} (P + t) token-forwards, O(L * (P + L)) instead
+of O(P + L), and attention is O((P + L)^2) per step; a VLM's vision encoder also reruns every
+step. Fine for the tiny CPU models and for tests; GPU runs use vLLM. Rows that finished are
+dropped from the next forward (their outputs are pad). The sampling noise is drawn for the live
+rows only, so a seed reproduces responses for the same request, ``max_batch_size`` and ``n``
+(and any TP size), not across different batchings.
+TODO(kv-cache): megatron-core 0.16.1's ``StaticInferenceContext`` (the legacy static engine's
+KV cache, which runs on CPU) plugs into ``GPTModel.forward(..., inference_context=ctx)``: prefill
+the prompts once, then feed one token per step with ``ctx.sequence_len_offset`` advanced. Using
+it needs a prefill/decode adapter beside ``forward_fn`` (the model wrapper owns the context),
+a per-row key padding mask during decode for the left-padded rows, and
+``ctx.swap_key_value_dict`` to drop finished rows, as ``_decode`` does for its live rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_papo.rollout.base import (
+    FinishReason,
+    RolloutRequest,
+    RolloutResult,
+    SamplingParams,
+    position_ids_from_mask,
+)
+from megatron_papo.rollout.sampling import policy_log_probs, sample
+
+__all__ = ["ForwardFn", "MegatronRolloutEngine", "gpt_forward_fn"]
+
+ForwardFn = Callable[[Tensor, Tensor, Tensor, "list[list[Any]] | None"], Tensor]
+"""``forward_fn(input_ids [B, S] int64, position_ids [B, S] int64, attention_mask [B, S] bool
+(True = real token), pixel_values) -> logits [B, S, V_local]``, vocab-parallel (this TP rank's
+contiguous vocabulary slice). ``pixel_values`` is None for a text-only batch, else one list per
+row holding that row's image inputs (the adapter collates them as its model needs)."""
+
+
+def gpt_forward_fn(model: torch.nn.Module) -> ForwardFn:
+    """A ``ForwardFn`` for a text-only megatron-core ``GPTModel`` (local or TE spec, no labels).
+
+    Builds megatron's boolean attention mask ``[B, 1, S, S]`` (True = masked out): causal, and
+    padded keys masked. Padded query rows then see no key; megatron's local softmax fills masked
+    scores with -10000, so they stay finite (and are never used).
+    """
+
+    def forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
+                pixel_values: list[list[Any]] | None) -> Tensor:
+        if pixel_values is not None:
+            raise ValueError("gpt_forward_fn is text-only but the request carries images")
+        s = input_ids.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(1)
+        mask = causal[None, None] | ~attention_mask[:, None, None, :]
+        return model(input_ids, position_ids, mask)
+
+    return forward
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd inside; each module's training flag restored after."""
+    was_training = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in zip(modules, was_training):
+            m.train(flag)
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None or not dist.is_initialized() else dist.get_world_size(group)
+
+
+def gather_vocab(local: Tensor, tp_group: dist.ProcessGroup | None) -> Tensor:
+    """[B, V/tp] this rank's vocabulary slice -> [B, V] float32, slices in TP-rank order."""
+    local = local.float().contiguous()
+    size = _group_size(tp_group)
+    if size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local, group=tp_group)
+    return torch.cat(parts, dim=-1)
+
+
+def check_same_across_group(tokens: Tensor, group: dist.ProcessGroup | None) -> None:
+    """Raise if ``tokens`` (any int tensor, same shape on all ranks) differ across ``group``;
+    one all-reduce (max of +x and -x gives max and min at once)."""
+    if _group_size(group) == 1:
+        return
+    both = torch.stack([tokens, -tokens]).long()
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if not (torch.equal(both[0], tokens.long()) and torch.equal(-both[1], tokens.long())):
+        raise RuntimeError("tensor-parallel ranks sampled different tokens: the gathered logits or "
+                           "the sampling generators differ between ranks")
+
+
+@dataclass
+class _Rows:
+    """The rows of one decoding batch (B rows)."""
+
+    prompts: list[list[int]]
+    images: list[list[Any]] | None
+
+
+@dataclass
+class _Decoded:
+    """What one batch produced; [B, T] tensors with T <= max_new_tokens."""
+
+    tokens: Tensor
+    """[B, T] int64 generated tokens, pad after a row finished."""
+    sampling_lp: Tensor
+    """[B, T] float32 log-probs under the sampling distribution (0 at padding)."""
+    policy_lp: Tensor
+    """[B, T] float32 log-probs at temperature 1 (0 at padding)."""
+    lengths: Tensor
+    """[B] int64 generated tokens per row."""
+    stopped: Tensor
+    """[B] bool, True when the row ended with a stop token."""
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, extra: int) -> tuple[Tensor, Tensor]:
+    """Prompts -> (tokens [B, P + extra] int64, mask [B, P + extra] bool): prompts right-aligned
+    in the first P columns, ``extra`` empty (pad, False) columns after them for the response."""
+    p = max(len(x) for x in prompts)
+    tokens = torch.full((len(prompts), p + extra), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), p + extra, dtype=torch.bool)
+    for r, ids in enumerate(prompts):
+        tokens[r, p - len(ids):p] = torch.tensor(list(ids), dtype=torch.long)
+        mask[r, p - len(ids):p] = True
+    return tokens, mask
+
+
+class MegatronRolloutEngine:
+    """Batched autoregressive sampling over a vocab-parallel ``forward_fn`` (see module doc).
+
+    Args:
+        forward_fn: the model's forward (see :data:`ForwardFn`), e.g. ``gpt_forward_fn(model)``.
+        tp_group: tensor-parallel group of ``forward_fn``'s logits; None = not parallel.
+        vocab_size: true vocabulary size (columns >= it are padding and never sampled).
+        eos_id: ends a response (kept as its last token).
+        pad_id: fills prompts' left padding and finished rows.
+        max_batch_size: rows decoded together; None = all prompts x n at once.
+        model: module(s) behind ``forward_fn``: put in eval mode while generating, their
+            training flags restored after. None = the caller handles modes.
+        check_tp_agreement: one all-reduce per batch verifying all TP ranks generated the same.
+        debug: also verify after every step (one all-reduce per step).
+
+    Collective over ``tp_group``: every TP rank calls ``generate`` with the same request and
+    params. Ranks of different data-parallel replicas generate independently.
+    """
+
+    def __init__(self, forward_fn: ForwardFn, *, tp_group: dist.ProcessGroup | None, vocab_size: int,
+                 eos_id: int, pad_id: int, max_batch_size: int | None = None,
+                 model: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
+                 check_tp_agreement: bool = True, debug: bool = False) -> None:
+        if vocab_size < 1 or not 0 <= eos_id < vocab_size:
+            raise ValueError(f"need vocab_size >= 1 and 0 <= eos_id < vocab_size, got {vocab_size}, {eos_id}")
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
+        self.forward_fn = forward_fn
+        self.tp_group = tp_group
+        self.vocab_size = vocab_size
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.max_batch_size = max_batch_size
+        self.modules: list[torch.nn.Module] = (
+            [] if model is None else [model] if isinstance(model, torch.nn.Module) else list(model))
+        self.check_tp_agreement = check_tp_agreement
+        self.debug = debug
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs are sent: the first parameter's device of ``model``, else CPU."""
+        for m in self.modules:
+            for param in m.parameters():
+                return param.device
+        return torch.device("cpu")
+
+    # -- RolloutEngine hooks -------------------------------------------------------------------
+    def sync_weights(self, *args: Any, **kwargs: Any) -> None:
+        """No-op: generation runs on the training model's own weights."""
+
+    def release(self) -> None:
+        """No-op: nothing is held between ``generate`` calls."""
+
+    def resume(self) -> None:
+        """No-op (see ``release``)."""
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, request: RolloutRequest, params: SamplingParams) -> RolloutResult:
+        """``params.n`` responses per prompt, group-major rows (see ``RolloutResult``)."""
+        start = time.perf_counter()
+        n = params.n
+        prompts = [p for p in request.prompt_ids for _ in range(n)]
+        images = [imgs for imgs in request.images for _ in range(n)] if request.has_images else None
+        stop_ids = sorted({self.eos_id, *params.stop_token_ids})
+        generator: list[torch.Generator] = []  # created on the logits' device at the first step
+        step = self.max_batch_size or len(prompts)
+        decoded: list[_Decoded] = []
+        with _eval_mode(self.modules):
+            for lo in range(0, len(prompts), step):
+                rows = _Rows(prompts[lo:lo + step], None if images is None else images[lo:lo + step])
+                decoded.append(self._decode(rows, params, stop_ids, generator))
+        result = self._to_result(request, params, prompts, decoded)
+        generated = sum(len(r) for r in result.response_ids)
+        result.metrics.update(seconds=time.perf_counter() - start, generated_tokens=float(generated))
+        return result
+
+    def _last_logits(self, tokens: Tensor, mask: Tensor, images: list[list[Any]] | None) -> Tensor:
+        """Forward the [B, S] rows (leading all-padding columns dropped); the gathered
+        full-vocabulary logits [B, V_pad] float32 of the last position."""
+        first = int(mask.any(dim=0).long().argmax())  # every row is left-padded at least this far
+        tokens, mask = tokens[:, first:].to(self.device), mask[:, first:].to(self.device)
+        logits = self.forward_fn(tokens, position_ids_from_mask(mask), mask, images)
+        if logits.dim() != 3 or logits.shape[:2] != tokens.shape:
+            raise ValueError(f"forward_fn returned shape {tuple(logits.shape)} for input "
+                             f"{tuple(tokens.shape)}; expected [B, S, V_local]")
+        return gather_vocab(logits[:, -1, :], self.tp_group)
+
+    def _decode(self, rows: _Rows, params: SamplingParams, stop_ids: list[int],
+                generator: list[torch.Generator]) -> _Decoded:
+        """Decode one batch; only still-running rows are forwarded at each step."""
+        b, t_max = len(rows.prompts), params.max_new_tokens
+        tokens, mask = left_pad(rows.prompts, self.pad_id, t_max)  # [B, P + T]
+        p = tokens.shape[1] - t_max
+        out = _Decoded(tokens=torch.full((b, t_max), self.pad_id, dtype=torch.long),
+                       sampling_lp=torch.zeros(b, t_max), policy_lp=torch.zeros(b, t_max),
+                       lengths=torch.zeros(b, dtype=torch.long), stopped=torch.zeros(b, dtype=torch.bool))
+        stop = torch.tensor(stop_ids, dtype=torch.long)
+        live = torch.arange(b)  # indices of rows still generating
+        steps = 0
+        for t in range(t_max):
+            imgs = None if rows.images is None else [rows.images[i] for i in live.tolist()]
+            logits = self._last_logits(tokens[live, :p + t], mask[live, :p + t], imgs)  # [b, V_pad]
+            if not generator:
+                generator.append(torch.Generator(device=logits.device).manual_seed(params.seed))
+            tok, lp = sample(logits, params, generator[0], self.vocab_size)
+            plp = policy_log_probs(logits, tok, self.vocab_size)
+            tok, lp, plp = tok.cpu(), lp.float().cpu(), plp.float().cpu()
+            if self.debug:
+                check_same_across_group(tok, self.tp_group)
+            tokens[live, p + t] = tok
+            mask[live, p + t] = True
+            out.tokens[live, t], out.sampling_lp[live, t], out.policy_lp[live, t] = tok, lp, plp
+            out.lengths[live] += 1
+            hit = torch.isin(tok, stop)
+            out.stopped[live[hit]] = True
+            live = live[~hit]
+            steps = t + 1
+            if live.numel() == 0:
+                break
+        out.tokens, out.sampling_lp, out.policy_lp = (x[:, :steps] for x in
+                                                      (out.tokens, out.sampling_lp, out.policy_lp))
+        if self.check_tp_agreement:
+            check_same_across_group(out.tokens, self.tp_group)
+        return out
+
+    def _to_result(self, request: RolloutRequest, params: SamplingParams, prompts: list[list[int]],
+                   decoded: list[_Decoded]) -> RolloutResult:
+        response_ids, sampling_lp, policy_lp, reasons = [], [], [], []
+        for d in decoded:
+            for r in range(d.tokens.shape[0]):
+                length = int(d.lengths[r])
+                response_ids.append(d.tokens[r, :length].tolist())
+                sampling_lp.append(d.sampling_lp[r, :length].tolist())
+                policy_lp.append(d.policy_lp[r, :length].tolist())
+                reason: FinishReason = "stop" if bool(d.stopped[r]) else "length"
+                reasons.append(reason)
+        return RolloutResult(
+            group_size=params.n,
+            prompt_indices=[i for i in request.prompt_indices for _ in range(params.n)],
+            prompt_ids=[list(p) for p in prompts],
+            response_ids=response_ids,
+            response_log_probs=sampling_lp,
+            policy_log_probs=policy_lp,
+            finish_reason=reasons,
+        )
