@@ -492,6 +492,32 @@ def _patch_distopt_load_with_torch_adamw() -> None:
     _set(DistributedOptimizer, "_set_main_param_and_optimizer_states", set_states)
 
 
+def _patch_distopt_unshared_torch_adam_step() -> None:
+    """With the torch.optim.Adam(W) fallback (no TE, no apex), ``DistributedOptimizer.load_state_dict``
+    gives every parameter's state the SAME ``step`` tensor (``s["step"] = step`` in a loop), and
+    torch's Adam increments each param's ``step`` in place: after a checkpoint load one update
+    advances the shared step by the number of parameters, so bias correction (hence every update
+    from the second one after resuming) differs from an uninterrupted run. Give each parameter
+    its own copy after the load. (FP32Optimizer deep-copies the step and is unaffected.)"""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.load_state_dict
+
+    @functools.wraps(original)
+    def load_state_dict(self, state_dict):
+        result = original(self, state_dict)
+        seen: set[int] = set()
+        for state in getattr(self.optimizer, "state", {}).values():
+            step = state.get("step")
+            if step is not None and hasattr(step, "clone"):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                seen.add(id(step))
+        return result
+
+    _set(DistributedOptimizer, "load_state_dict", load_state_dict)
+
+
 _CPU_PATCHES: tuple[tuple[str, Callable[[], None]], ...] = (
     ("rng_tracker_cpu_generator", _patch_rng_tracker_to_cpu_generator),
     ("global_memory_buffer_cpu", _patch_global_memory_buffer_to_cpu),
@@ -499,6 +525,7 @@ _CPU_PATCHES: tuple[tuple[str, Callable[[], None]], ...] = (
     ("cuda_to_cpu_function_mode", _enter_cuda_to_cpu_function_mode),
     ("clip_vit_norm_without_te", _patch_clip_vit_norm_without_te),
     ("distopt_load_torch_adamw", _patch_distopt_load_with_torch_adamw),
+    ("distopt_unshared_torch_adam_step", _patch_distopt_unshared_torch_adam_step),
 )
 
 

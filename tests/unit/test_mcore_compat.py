@@ -106,6 +106,7 @@ def test_apply_cpu_patches_is_idempotent_and_recorded(cpu_patches):
         "cuda_to_cpu_function_mode",
         "clip_vit_norm_without_te",
         "distopt_load_torch_adamw",
+        "distopt_unshared_torch_adam_step",
     )
     mc.apply_cpu_patches()
     assert mc.applied_patches() == names
