@@ -235,8 +235,9 @@ class CheckpointConfig:
     """Keep the newest N checkpoints."""
     resume: bool = False
     """Continue from the newest checkpoint in `dir`."""
-    load_hf: str | None = None
-    """Initial weights from a converted checkpoint folder."""
+    init_weights: str | None = None
+    """Initial model weights from a megatron-core distributed checkpoint (a root with `latest`,
+    or one step directory), e.g. converted from Hugging Face; resharded to this run's TP/PP."""
 
 
 @dataclass

@@ -1,0 +1,110 @@
+"""The model passes of one RL step: no-grad log-prob passes and the policy update.
+
+All passes run through `schedule.run_microbatches` (megatron-core's pipeline schedules), so they
+work for any TP/PP layout; the per-token results live on the last pipeline stage, which is the
+only stage that computes the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_papo.batch import TrainBatch, micro_batch_dicts
+from megatron_papo.distributed import ProcessGroups
+from megatron_papo.losses import PapoLossConfig, papo_loss
+from megatron_papo.metrics import reduce_step_metrics
+from megatron_papo.ops import vocab_parallel_log_probs
+from megatron_papo.schedule import global_mean_loss_scale, run_microbatches
+
+
+def model_forward(model: torch.nn.Module, mb: Mapping[str, Any]) -> Tensor:
+    """One chunk on one micro-batch dict (see batch.micro_batch_dicts)."""
+    return model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], mb["pixel_values"])
+
+
+class _EvalMode:
+    """Context: modules in eval mode (no dropout), previous modes restored after."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
+        self.modules = list(modules)
+        self.modes: list[bool] = []
+
+    def __enter__(self) -> None:
+        self.modes = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in zip(self.modules, self.modes, strict=True):
+            m.train(mode)
+
+
+def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch, *, micro_batch_size: int,
+                      tp_group: dist.ProcessGroup | None, vocab_size: int,
+                      masked_branch: bool = False) -> Tensor | None:
+    """No-grad per-token log-probs [R, S] of batch.target (original or masked images).
+
+    Returns None on pipeline stages other than the last (they never need them).
+    """
+    def loss_fn(mb: Mapping[str, Any], logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        lp = vocab_parallel_log_probs(logits, mb["target"], tp_group, vocab_size)
+        return logits.new_zeros(()), {"log_probs": lp}
+
+    mbs = micro_batch_dicts(batch, micro_batch_size, masked_branch=masked_branch)
+    with torch.no_grad(), _EvalMode(model_chunks):
+        outs = run_microbatches(model_chunks, mbs, model_forward, loss_fn, forward_only=True,
+                                seq_length=batch.seq_length, micro_batch_size=micro_batch_size)
+    if not outs:
+        return None
+    return torch.cat([o["log_probs"].float() for o in outs], dim=0)
+
+
+def _global_count(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    x = x.detach().float().clone()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: TrainBatch,
+                loss_config: PapoLossConfig, *, micro_batch_size: int, pg: ProcessGroups, vocab_size: int,
+                step: int) -> dict[str, float]:
+    """One optimizer update on `batch` with the PAPO objective; returns reduced metrics.
+
+    Token means are global over the data-parallel (x context-parallel) ranks and all
+    micro-batches: the loss of each micro-batch is its share sum / N_global, scaled by dp * M
+    for megatron-core's schedule and DDP averaging (schedule module docstring). When the masked
+    branch needs logits at update time (full KL/entropies, or masked_grad), each micro-batch
+    carries both branches and one pipeline pass computes both.
+    """
+    from megatron_papo.optim import optimizer_step, zero_grads
+
+    both = loss_config.uses_masked_branch and (loss_config.masked_grad or loss_config.needs_logits)
+    mbs = micro_batch_dicts(batch, micro_batch_size, both_branches=both)
+    num_tokens = _global_count(batch.loss_mask.sum(), pg.dp_cp)
+    num_seqs = _global_count((batch.loss_mask.sum(dim=1) > 0).sum(), pg.dp_cp)
+
+    def loss_fn(mb: Mapping[str, Any], logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        masked_logits = None
+        if both:
+            logits, masked_logits = logits.chunk(2, dim=0)
+        return papo_loss(logits, mb["target"], mb["old_log_probs"], mb["advantages"], mb["loss_mask"],
+                         config=loss_config, masked_logits=masked_logits,
+                         masked_log_probs=mb["masked_log_probs"], ref_log_probs=mb["ref_log_probs"],
+                         tp_group=pg.tp, vocab_size=vocab_size, step=step, num_tokens=num_tokens,
+                         num_seqs=num_seqs)
+
+    zero_grads(list(ddp_chunks), optimizer)
+    outs = run_microbatches(ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,
+                            seq_length=batch.seq_length,
+                            micro_batch_size=micro_batch_size * (2 if both else 1),
+                            loss_scale=global_mean_loss_scale(pg.dp_size, len(mbs)))
+    ok, grad_norm, _ = optimizer_step(optimizer)
+    metrics = reduce_step_metrics(outs, pg.dp_cp, mode="sum") if outs else {}
+    metrics.update(grad_norm=float(grad_norm), update_skipped=float(not ok))
+    return metrics

@@ -1,0 +1,134 @@
+"""The arrows of one RL step (DESIGN.md "The data path"), each a function with typed inputs:
+
+    samples ─► prompt_pixels / masked_prompt_pixels ─► rollout ─► score ─► group_advantages
+            ─► rollout_train_batch ─► (passes.compute_log_probs x3) ─► passes.papo_update
+
+Everything here is per data-parallel rank and replicated across the tensor/pipeline ranks of
+that replica (they see the same prompts, the same sampled tokens and the same rewards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megatron_papo.algorithms import filter_groups, group_normalized_advantages
+from megatron_papo.batch import TrainBatch, build_train_batch
+from megatron_papo.config import AlgorithmConfig
+from megatron_papo.data.dataset import Sample
+from megatron_papo.masking import MaskingConfig, mask_group_images
+from megatron_papo.rewards import RewardConfig, RewardResult, compute_rewards
+from megatron_papo.rollout import RolloutEngine, RolloutRequest, RolloutResult, SamplingParams
+from megatron_papo.tokenizer import Tokenizer
+
+SFT_RESPONSE = "<think> </think> \\boxed{{{answer}}}"
+"""Target of the supervised warm start: the format the reward expects, with the right answer."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. train seed, step, dp rank), stable across machines."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def prompt_pixels(model: torch.nn.Module, samples: Sequence[Sample]) -> list[Tensor | None]:
+    """[P] per prompt: its images as model-ready pixels [n_img, C, H, W], or None (text only)."""
+    return [model.preprocess_images(s.images) if s.images else None for s in samples]
+
+
+def masked_prompt_pixels(model: torch.nn.Module, samples: Sequence[Sample], masking: MaskingConfig,
+                         step: int) -> list[Tensor | None]:
+    """[P] per prompt: pixels of its patch-masked images (one mask per prompt, seeded by
+    (masking.seed, step, sample.index), so independent of the rank and batch split)."""
+    masked = mask_group_images([list(s.images) for s in samples], 1, masking, step,
+                               prompt_indices=[s.index for s in samples])
+    return [model.preprocess_images(m) if m else None for m in masked]
+
+
+def rollout(engine: RolloutEngine, samples: Sequence[Sample], pixels: Sequence[Tensor | None],
+            params: SamplingParams) -> RolloutResult:
+    """params.n responses per prompt, group-major."""
+    request = RolloutRequest(prompt_ids=[list(s.prompt_ids) for s in samples],
+                             images=[[] if p is None else [p] for p in pixels],
+                             prompt_indices=[s.index for s in samples])
+    return engine.generate(request, params)
+
+
+def response_texts(result: RolloutResult, tokenizer: Tokenizer) -> list[str]:
+    """Decoded responses with eos/pad removed (special reasoning tokens kept as text)."""
+    drop = {tokenizer.eos_id, tokenizer.pad_id}
+    return [tokenizer.decode([t for t in ids if t not in drop]) for ids in result.response_ids]
+
+
+def score(result: RolloutResult, samples: Sequence[Sample], tokenizer: Tokenizer,
+          reward: RewardConfig) -> RewardResult:
+    """Rewards of every row (each row is scored against its prompt's ground truth)."""
+    answers = [s.answer for s in samples for _ in range(result.group_size)]
+    return compute_rewards(response_texts(result, tokenizer), answers, reward)
+
+
+@dataclass
+class Advantages:
+    """Advantages of the rows kept for the update, and what the filter did."""
+
+    advantages: Tensor
+    """[R_kept] float32."""
+    kept_rows: Tensor
+    """[R_kept] int64 row indices into the rollout (whole groups)."""
+    metrics: dict[str, float]
+
+
+def group_advantages(rewards: RewardResult, group_size: int, algo: AlgorithmConfig) -> Advantages:
+    """GRPO advantages over each group; with algo.group_filter, DAPO's online filter first."""
+    adv = group_normalized_advantages(rewards.reward, group_size, norm_by_std=algo.norm_adv_by_std)
+    rows = torch.arange(adv.shape[0])
+    metrics: dict[str, float] = {}
+    if algo.group_filter:
+        rows, stats = filter_groups(rewards.accuracy, group_size, algo.filter_low, algo.filter_high)
+        metrics.update(stats.metrics())
+    return Advantages(advantages=adv[rows], kept_rows=rows, metrics=metrics)
+
+
+def rollout_train_batch(result: RolloutResult, adv: Advantages, pixels: Sequence[Tensor | None],
+                        masked_pixels: Sequence[Tensor | None], *, pad_id: int) -> TrainBatch:
+    """The kept rows of a rollout as a TrainBatch (prompt pixels repeated over each group)."""
+    padded = result.padded(pad_id)
+    n = result.group_size
+    rows = adv.kept_rows
+    row_pixels = [pixels[int(r) // n] for r in rows]
+    row_masked = [masked_pixels[int(r) // n] for r in rows]
+    return build_train_batch(padded.input_ids[rows], padded.attention_mask[rows], padded.prompt_ids.shape[1],
+                             padded.response_mask[rows], adv.advantages, row_pixels, row_masked,
+                             pad_id=pad_id)
+
+
+def sft_train_batch(samples: Sequence[Sample], pixels: Sequence[Tensor | None],
+                    tokenizer: Tokenizer) -> TrainBatch:
+    """Supervised warm-start batch: each prompt followed by SFT_RESPONSE + eos (advantage 1)."""
+    responses = [[*tokenizer.encode(SFT_RESPONSE.format(answer=s.answer)), tokenizer.eos_id] for s in samples]
+    prompts = [list(s.prompt_ids) for s in samples]
+    p, length = max(map(len, prompts)), max(map(len, responses))
+    rows = len(samples)
+    ids = torch.full((rows, p + length), tokenizer.pad_id, dtype=torch.long)
+    attn = torch.zeros(rows, p + length, dtype=torch.bool)
+    resp_mask = torch.zeros(rows, length, dtype=torch.bool)
+    for r, (q, a) in enumerate(zip(prompts, responses, strict=True)):
+        ids[r, p - len(q):p] = torch.tensor(q)
+        ids[r, p:p + len(a)] = torch.tensor(a)
+        attn[r, p - len(q):p + len(a)] = True
+        resp_mask[r, :len(a)] = True
+    return build_train_batch(ids, attn, p, resp_mask, torch.ones(rows), list(pixels), list(pixels),
+                             pad_id=tokenizer.pad_id)
+
+
+def rollout_metrics(result: RolloutResult, rewards: RewardResult) -> dict[str, float]:
+    """Per-step rollout statistics (this rank's rows)."""
+    lengths = result.response_lengths().float()
+    out = {f"{k}": float(v) for k, v in rewards.metrics().items()}
+    out.update(response_length=float(lengths.mean()),
+               stop_fraction=sum(r == "stop" for r in result.finish_reason) / max(1, len(result)))
+    return out

@@ -1,0 +1,48 @@
+"""Entry point: `python -m megatron_papo.train --config examples/<name>.yaml [key=value ...] [--resume]`.
+
+Works as one process on a CPU and under torchrun for several ranks
+(`torchrun --nproc-per-node 2 -m megatron_papo.train --config ... parallel.tp=2`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from megatron_papo.cli import parse_cli
+from megatron_papo.config import save_config
+from megatron_papo.distributed import destroy_distributed, init_distributed_from_config, is_rank_zero
+from megatron_papo.metrics import read_metrics, summarize
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from megatron_papo.trainer import train
+
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    args = parse_cli(sys.argv[1:] if argv is None else argv)
+    cfg = args.config
+    pg = init_distributed_from_config(cfg.parallel, seed=cfg.train.seed)
+    if is_rank_zero():
+        from pathlib import Path
+
+        Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.logging.dir) / "config.yaml")
+    result = train(cfg, pg)
+    if is_rank_zero():
+        rows = read_metrics(result.metrics_path) if result.metrics_path.exists() else []
+        rl_rows = [r for r in rows if "reward/mean" in r]
+        print("\n== run summary ==")
+        print(summarize(rl_rows, ["reward/mean", "reward/accuracy", "reward/format", "kl_prcp",
+                                  "entropy_orig", "entropy_mask", "pg_clipfrac", "step_time"]))
+        for k, v in result.eval_metrics.items():
+            print(f"{k:28s} {v:.4f}")
+        print(f"metrics:    {result.metrics_path}")
+        print(f"tensorboard: {result.run_dir / 'tensorboard'}")
+        print(f"checkpoint: {result.checkpoint or '(none: set checkpoint.dir)'}")
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
