@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from megatron_papo.config import ConfigError, PapoConfig, load_config
 
 USAGE = ("usage: python -m megatron_papo.{train,evaluate} --config PATH [--resume] [--checkpoint DIR] "
-         "[section.key=value ...]")
+         "[--save-init DIR] [section.key=value ...]")
 
 
 @dataclass

@@ -64,6 +64,17 @@ def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch
     return torch.cat([o["log_probs"].float() for o in outs], dim=0)
 
 
+def share_from_last_stage(metrics: dict[str, float], pg: ProcessGroups) -> dict[str, float]:
+    """Loss metrics exist on the last pipeline stage only; give every stage (rank 0 logs) a copy."""
+    if pg.pp_size == 1:
+        return metrics
+    from megatron.core import parallel_state
+
+    from megatron_papo.distributed import broadcast_object
+
+    return broadcast_object(metrics, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pg.pp)
+
+
 def _global_count(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     x = x.detach().float().clone()
     if group is not None and dist.get_world_size(group) > 1:
@@ -106,5 +117,6 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
                             loss_scale=global_mean_loss_scale(pg.dp_size, len(mbs)))
     ok, grad_norm, _ = optimizer_step(optimizer)
     metrics = reduce_step_metrics(outs, pg.dp_cp, mode="sum") if outs else {}
+    metrics = share_from_last_stage(metrics, pg)
     metrics.update(grad_norm=float(grad_norm), update_skipped=float(not ok))
     return metrics

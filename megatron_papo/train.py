@@ -2,6 +2,9 @@
 
 Works as one process on a CPU and under torchrun for several ranks
 (`torchrun --nproc-per-node 2 -m megatron_papo.train --config ... parallel.tp=2`).
+
+`--save-init DIR` writes the freshly initialised model as a distributed checkpoint and exits;
+runs started with `checkpoint.init_weights=DIR` then share those weights under any TP/PP layout.
 """
 
 from __future__ import annotations
@@ -20,9 +23,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_papo.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    args = parse_cli(sys.argv[1:] if argv is None else argv)
+    args = parse_cli(sys.argv[1:] if argv is None else argv, extra_flags=("--save-init",))
     cfg = args.config
     pg = init_distributed_from_config(cfg.parallel, seed=cfg.train.seed)
+    if args.flags.get("--save-init"):
+        from megatron_papo.checkpointing import save_checkpoint
+        from megatron_papo.trainer import build_parts
+
+        parts = build_parts(cfg, pg)
+        path = save_checkpoint(str(args.flags["--save-init"]), 0, parts.model_chunks, None,
+                               {"step": 0, "phase": "init"}, pg, keep_last=1)
+        if is_rank_zero():
+            print(f"initial weights: {path}")
+        destroy_distributed()
+        return 0
     if is_rank_zero():
         from pathlib import Path
 

@@ -31,7 +31,7 @@ from megatron_papo.distributed import ProcessGroups, is_rank_zero
 from megatron_papo.losses import PapoLossConfig
 from megatron_papo.metrics import MetricsLogger, ProgressBar, reduce_step_metrics
 from megatron_papo.models import build_model
-from megatron_papo.passes import compute_log_probs, model_forward, papo_update
+from megatron_papo.passes import compute_log_probs, model_forward, papo_update, share_from_last_stage
 from megatron_papo.rollout import MegatronRolloutEngine, RolloutEngine, SamplingParams
 from megatron_papo.schedule import configure_model_for_schedule, run_microbatches
 from megatron_papo.tokenizer import Tokenizer
@@ -285,7 +285,7 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
                             seq_length=batch.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                             loss_scale=global_mean_loss_scale(pg.dp_size, len(mbs)))
     _, grad_norm, _ = optimizer_step(parts.optimizer)
-    out = reduce_step_metrics(outs, pg.dp_cp, mode="sum") if outs else {}
+    out = share_from_last_stage(reduce_step_metrics(outs, pg.dp_cp, mode="sum") if outs else {}, pg)
     out["grad_norm"] = grad_norm
     return out
 

@@ -110,6 +110,17 @@ class VisionLanguageModel(MegatronModule):
         """Pipeline parallelism: the previous stage's output, handed to the language model."""
         raise NotImplementedError
 
+    # megatron-core's finalize_model_grads (pipeline parallel) asks the top module about tied
+    # embeddings; the answer is the language model's (a subclass keeps it in `language_model`).
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        """Whether the input embedding and the output layer share one weight (the LM's setting)."""
+        return bool(self.language_model.share_embeddings_and_output_weights)
+
+    def shared_embedding_or_output_weight(self) -> Tensor | None:
+        """The shared weight on the first / last pipeline stage (megatron-core API), if tied."""
+        return self.language_model.shared_embedding_or_output_weight()
+
 
 # ---------------------------------------------------------------------------------------------
 # Configuration helpers
