@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "easy-vqa>=1.0",  # ships a real VQA set (38k questions on 64x64 images): the built-in dataset
     "pyarrow>=14",  # Parquet rows (the ViRL39K layout)
     "tensorboard>=2.14",  # metrics events (torch.utils.tensorboard)
+    "matplotlib>=3.7",  # training curves and the comparison plot (Agg, no display)
 ]
 
 EXTRAS_REQUIRE = {

@@ -51,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "entropy_orig", "entropy_mask", "pg_clipfrac", "step_time"]))
         for k, v in result.eval_metrics.items():
             print(f"{k:28s} {v:.4f}")
+        from megatron_papo.plotting import plot_training
+
+        plot = plot_training(result.metrics_path, result.run_dir / "training.png") if rows else None
         print(f"metrics:    {result.metrics_path}")
+        print(f"plot:       {plot or '(no metrics)'}")
         print(f"tensorboard: {result.run_dir / 'tensorboard'}")
         print(f"checkpoint: {result.checkpoint or '(none: set checkpoint.dir)'}")
     destroy_distributed()
