@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 Row = dict[str, Any]
 Series = tuple[list[float], list[float]]
 
+RL_XLABEL = "RL step (after the warm start)"
 SMOOTH_WINDOW = 5
 """Trailing moving-average window drawn over the noisy per-step curves."""
 EVAL_KEYS = ("accuracy", "accuracy_masked")
@@ -73,6 +74,29 @@ def series(rows: Sequence[Row], key: str) -> Series:
 def rl_rows(rows: Sequence[Row]) -> list[Row]:
     """Rows of RL steps (they carry the rollout reward)."""
     return [r for r in rows if "reward/mean" in r]
+
+
+def warm_start_steps(metrics_jsonl: Path, rows: Sequence[Row]) -> int:
+    """Warm-start steps before RL: train.sft_warmup_steps from the run's config.yaml (written next
+    to metrics.jsonl by the trainer), else the last logged warm-start step, else 0."""
+    config = metrics_file(metrics_jsonl).with_name("config.yaml")
+    if config.is_file():
+        import yaml
+
+        try:
+            steps = (yaml.safe_load(config.read_text()) or {}).get("train", {}).get("sft_warmup_steps")
+        except (yaml.YAMLError, AttributeError):
+            steps = None
+        if isinstance(steps, int):
+            return steps
+    sft = series(rows, "sft_nll")[0]
+    return int(sft[-1]) if sft else 0
+
+
+def rl_step_rows(metrics_jsonl: Path, rows: Sequence[Row]) -> list[Row]:
+    """The RL rows with "step" renumbered as the RL step (1 = the first step after the warm start)."""
+    offset = warm_start_steps(metrics_jsonl, rows)
+    return [{**r, "step": r["step"] - offset} for r in rl_rows(rows) if isinstance(r.get("step"), int)]
 
 
 def eval_metrics(rows: Sequence[Row]) -> dict[str, float]:
@@ -134,7 +158,10 @@ def _style(ax: Axes, title: str, ylabel: str, xlabel: str = "step") -> None:
 
 
 def _empty(ax: Axes, text: str) -> None:
+    """A gray note instead of a curve (and no meaningless ticks)."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def _raw_and_smooth(ax: Axes, data: Series, label: str, color: str) -> None:
@@ -184,21 +211,20 @@ def _sft_panel(ax: Axes, rows: Sequence[Row]) -> None:
         ax.plot(*data, color="tab:purple", linewidth=1.5)
     else:
         _empty(ax, "no warm start (train.sft_warmup_steps=0)")
-    _style(ax, "Warm start (SFT): answer NLL", "NLL per token")
+    _style(ax, "Warm start (SFT): answer NLL", "NLL per token", "warm-start step")
 
 
-def _training_panels(axes: Sequence[Axes], rows: Sequence[Row]) -> None:
-    rl = rl_rows(rows)
+def _training_panels(axes: Sequence[Axes], rows: Sequence[Row], rl: Sequence[Row]) -> None:
     _sft_panel(axes[0], rows)
     _plot_keys(axes[1], rl, [("reward/mean", "reward"), ("reward/accuracy", "accuracy"),
                              ("reward/format", "format")], "no RL steps logged")
-    _style(axes[1], "RL rollouts: reward and accuracy", "mean over responses")
+    _style(axes[1], "RL rollouts: reward and accuracy", "mean over responses", RL_XLABEL)
     _plot_keys(axes[2], rl, [("kl_prcp", "KL_prcp (orig || masked)")],
                "kl_prcp not logged (no masked branch, e.g. GRPO/DAPO)")
-    _style(axes[2], "Implicit perception loss KL_prcp", "KL per token")
+    _style(axes[2], "Implicit perception loss KL_prcp", "KL per token", RL_XLABEL)
     _plot_keys(axes[3], rl, [("entropy_orig", "original image"), ("entropy_mask", "masked image")],
                "entropies not logged")
-    _style(axes[3], "Entropy of sampled tokens", "nats per token")
+    _style(axes[3], "Entropy of sampled tokens", "nats per token", RL_XLABEL)
 
 
 def plot_training(metrics_jsonl: Path, out_png: Path) -> Path:
@@ -206,7 +232,7 @@ def plot_training(metrics_jsonl: Path, out_png: Path) -> Path:
     with the final evaluation in the title. Raises MetricsFileError on a missing or empty file."""
     rows = load_rows(metrics_jsonl)
     fig, axes = _figure(2, 2, (12, 8))
-    _training_panels(axes, rows)
+    _training_panels(axes, rows, rl_step_rows(metrics_jsonl, rows))
     name = metrics_file(metrics_jsonl).parent.name
     fig.suptitle(f"{name}: {_eval_caption(eval_metrics(rows))}", fontsize=12)
     return _save(fig, out_png)
@@ -223,7 +249,7 @@ def _aligned(runs: Sequence[Sequence[Row]], key: str) -> tuple[list[float], list
 
 
 def _smoothed(rows: Sequence[Row], key: str) -> Series:
-    steps, values = series(rl_rows(rows), key)
+    steps, values = series(rows, key)
     return steps, moving_average(values)
 
 
@@ -244,7 +270,7 @@ def _band_panel(ax: Axes, runs: Mapping[str, Sequence[Sequence[Row]]], key: str,
         ax.legend(fontsize=8)
     else:
         _empty(ax, f"{key} not logged")
-    _style(ax, title, f"{SMOOTH_WINDOW}-step moving average")
+    _style(ax, title, f"{SMOOTH_WINDOW}-step moving average", RL_XLABEL)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -306,9 +332,10 @@ def plot_comparison(runs: dict[str, list[Path]], out_png: Path,
         raise ValueError("plot_comparison: no runs given")
     rows = {algo: [load_rows(p) for p in paths] for algo, paths in runs.items()}
     table = eval_table if eval_table is not None else eval_table_from_runs(rows)
+    rl = {algo: [rl_step_rows(p, r) for p, r in zip(runs[algo], rs)] for algo, rs in rows.items()}
     fig, axes = _figure(1, 3, (17, 5))
-    _band_panel(axes[0], rows, "reward/mean", "Training reward (rollouts)")
-    _band_panel(axes[1], rows, "reward/accuracy", "Training accuracy (rollouts)")
+    _band_panel(axes[0], rl, "reward/mean", "Training reward (rollouts)")
+    _band_panel(axes[1], rl, "reward/accuracy", "Training accuracy (rollouts)")
     _bar_panel(axes[2], table)
     if title:
         fig.suptitle(title, fontsize=12)
