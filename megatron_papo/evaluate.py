@@ -70,10 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: build the model, load a checkpoint (optional), evaluate, print the numbers."""
     from megatron_papo.checkpointing import load_checkpoint
     from megatron_papo.cli import parse_cli
+    from megatron_papo.config import ConfigError
     from megatron_papo.distributed import destroy_distributed, init_distributed_from_config, is_rank_zero
     from megatron_papo.trainer import build_parts
 
-    args = parse_cli(sys.argv[1:] if argv is None else argv, extra_flags=("--checkpoint",))
+    try:
+        args = parse_cli(sys.argv[1:] if argv is None else argv, extra_flags=("--checkpoint",))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     cfg = args.config
     pg = init_distributed_from_config(cfg.parallel, seed=cfg.train.seed)
     parts = build_parts(cfg, pg)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from megatron_papo.cli import parse_cli
-from megatron_papo.config import save_config
+from megatron_papo.config import ConfigError, save_config
 from megatron_papo.distributed import destroy_distributed, init_distributed_from_config, is_rank_zero
 from megatron_papo.metrics import read_metrics, summarize
 
@@ -23,7 +23,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_papo.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    args = parse_cli(sys.argv[1:] if argv is None else argv, extra_flags=("--save-init",))
+    try:
+        args = parse_cli(sys.argv[1:] if argv is None else argv, extra_flags=("--save-init",))
+    except ConfigError as e:  # stop before anything starts, with the config's own message
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     cfg = args.config
     pg = init_distributed_from_config(cfg.parallel, seed=cfg.train.seed)
     if args.flags.get("--save-init"):
