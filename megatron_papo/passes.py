@@ -18,7 +18,7 @@ from megatron_papo.batch import TrainBatch, micro_batch_dicts
 from megatron_papo.distributed import ProcessGroups
 from megatron_papo.losses import PapoLossConfig, papo_loss
 from megatron_papo.metrics import reduce_step_metrics
-from megatron_papo.ops import vocab_parallel_log_probs
+from megatron_papo.ops import global_token_count, vocab_parallel_log_probs
 from megatron_papo.schedule import global_mean_loss_scale, run_microbatches
 
 
@@ -75,13 +75,6 @@ def share_from_last_stage(metrics: dict[str, float], pg: ProcessGroups) -> dict[
     return broadcast_object(metrics, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pg.pp)
 
 
-def _global_count(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    x = x.detach().float().clone()
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, group=group)
-    return x
-
-
 def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: TrainBatch,
                 loss_config: PapoLossConfig, *, micro_batch_size: int, pg: ProcessGroups, vocab_size: int,
                 step: int) -> dict[str, float]:
@@ -97,8 +90,8 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
 
     both = loss_config.uses_masked_branch and (loss_config.masked_grad or loss_config.needs_logits)
     mbs = micro_batch_dicts(batch, micro_batch_size, both_branches=both)
-    num_tokens = _global_count(batch.loss_mask.sum(), pg.dp_cp)
-    num_seqs = _global_count((batch.loss_mask.sum(dim=1) > 0).sum(), pg.dp_cp)
+    num_tokens = global_token_count(batch.loss_mask, pg.dp_cp)
+    num_seqs = global_token_count(batch.loss_mask.any(dim=1), pg.dp_cp)
 
     def loss_fn(mb: Mapping[str, Any], logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         masked_logits = None

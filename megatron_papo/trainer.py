@@ -10,8 +10,6 @@ micro-batched PAPO update(s) through megatron-core's schedule -> metrics.
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +33,6 @@ from megatron_papo.passes import compute_log_probs, model_forward, papo_update, 
 from megatron_papo.rollout import MegatronRolloutEngine, RolloutEngine, SamplingParams
 from megatron_papo.schedule import configure_model_for_schedule, run_microbatches
 from megatron_papo.tokenizer import Tokenizer
-
-log = logging.getLogger("megatron_papo.trainer")
 
 
 def build_tokenizer(cfg: PapoConfig) -> Tokenizer:
@@ -254,10 +250,10 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
 
 def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict[str, float]:
     """One supervised warm-start step: cross-entropy on the correct answer in the reward's format."""
+    from megatron_papo.batch import micro_batch_dicts
     from megatron_papo.losses import token_mean
-    from megatron_papo.ops import vocab_parallel_log_probs
+    from megatron_papo.ops import global_token_count, vocab_parallel_log_probs
     from megatron_papo.optim import optimizer_step, set_param_group_hparams, zero_grads
-    from megatron_papo.passes import _global_count
     from megatron_papo.schedule import global_mean_loss_scale
 
     g = torch.Generator().manual_seed(steps.derive_seed(cfg.train.seed, step, 7))
@@ -268,15 +264,13 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
     pixels = steps.prompt_pixels(parts.model_chunks[0], samples)
     batch = steps.sft_train_batch(samples, pixels, parts.tokenizer)
     batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size)
-    n_tok = _global_count(batch.loss_mask.sum(), pg.dp_cp)
+    n_tok = global_token_count(batch.loss_mask, pg.dp_cp)
     vocab = parts.tokenizer.vocab_size
 
     def loss_fn(mb: dict, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         lp = vocab_parallel_log_probs(logits, mb["target"], pg.tp, vocab)
         nll = -token_mean(lp, mb["loss_mask"], n_tok)
         return nll, {"sft_nll": nll.detach()}
-
-    from megatron_papo.batch import micro_batch_dicts
 
     mbs = micro_batch_dicts(batch, cfg.train.micro_batch_size)
     set_param_group_hparams(parts.optimizer, lr=cfg.train.sft_lr, weight_decay=cfg.train.weight_decay)
@@ -394,6 +388,3 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
     return TrainResult(run_dir=run_dir, metrics_path=logger.path, checkpoint=ckpt,
                        final_metrics=metrics, eval_metrics=eval_metrics)
 
-
-def finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
