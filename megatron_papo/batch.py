@@ -157,6 +157,32 @@ def micro_batch_dicts(batch: TrainBatch, micro_batch_size: int, *, masked_branch
     return out
 
 
+def inert_rows(batch: TrainBatch, count: int) -> TrainBatch:
+    """`count` copies of the batch's rows (cycled) that carry no loss: loss_mask all False and
+    advantage 0. They let a rank take part in collectives (micro-batches, updates) without
+    contributing to the loss or the gradient."""
+    rows = batch.rows([i % batch.num_rows for i in range(count)])
+    rows.loss_mask = torch.zeros_like(rows.loss_mask)
+    rows.advantages = torch.zeros_like(rows.advantages)
+    return rows
+
+
+def concat_batches(a: TrainBatch, b: TrainBatch) -> TrainBatch:
+    """Rows of `a` then rows of `b` (same fields present in both)."""
+    out = {}
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, Tensor):
+            out[f.name] = torch.cat([x, y])
+        elif isinstance(x, list):
+            out[f.name] = x + y
+        elif isinstance(x, dict):
+            out[f.name] = {k: torch.cat([x[k], y[k]]) for k in x}
+        else:
+            out[f.name] = x
+    return TrainBatch(**out)
+
+
 def pad_rows_to_multiple(batch: TrainBatch, multiple: int) -> TrainBatch:
     """Repeat rows (with loss_mask all False, advantage 0) until num_rows is a multiple of `multiple`.
 
@@ -164,20 +190,4 @@ def pad_rows_to_multiple(batch: TrainBatch, multiple: int) -> TrainBatch:
     not divide into micro-batches; the padding rows contribute nothing to loss or gradient.
     """
     extra = (-batch.num_rows) % multiple
-    if extra == 0:
-        return batch
-    pad = batch.rows([i % batch.num_rows for i in range(extra)])
-    pad.loss_mask = torch.zeros_like(pad.loss_mask)
-    pad.advantages = torch.zeros_like(pad.advantages)
-    out = {}
-    for f in fields(batch):
-        a, b = getattr(batch, f.name), getattr(pad, f.name)
-        if isinstance(a, Tensor):
-            out[f.name] = torch.cat([a, b])
-        elif isinstance(a, list):
-            out[f.name] = a + b
-        elif isinstance(a, dict):
-            out[f.name] = {k: torch.cat([a[k], b[k]]) for k in a}
-        else:
-            out[f.name] = a
-    return TrainBatch(**out)
+    return batch if extra == 0 else concat_batches(batch, inert_rows(batch, extra))

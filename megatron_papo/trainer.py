@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_papo import steps
-from megatron_papo.batch import TrainBatch, pad_rows_to_multiple
+from megatron_papo.batch import TrainBatch, inert_rows, pad_rows_to_multiple
 from megatron_papo.config import PapoConfig, to_dict
 from megatron_papo.data.dataset import PromptDataset, build_prompt_dataset
 from megatron_papo.data.sampler import PromptSampler
@@ -188,11 +188,22 @@ def fill_log_probs(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: Process
         batch.ref_log_probs = compute_log_probs(parts.ref_chunks, batch, **kw)
 
 
-def _mini_batches(batch: TrainBatch, rows_per_update: int, micro: int) -> list[TrainBatch]:
+def _all_reduce_int(value: int, group: dist.ProcessGroup | None, op: dist.ReduceOp) -> int:
+    t = torch.tensor(value, dtype=torch.int64)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return int(t.item())
+
+
+def _mini_batches(batch: TrainBatch, rows_per_update: int, micro: int, count: int) -> list[TrainBatch]:
+    """Split into mini-batches of <= rows_per_update rows (padded to whole micro-batches), then
+    append inert mini-batches up to `count` (every data-parallel replica takes `count` updates)."""
     out = []
     for start in range(0, batch.num_rows, rows_per_update):
         idx = list(range(start, min(start + rows_per_update, batch.num_rows)))
         out.append(pad_rows_to_multiple(batch.rows(idx), micro))
+    while len(out) < count:
+        out.append(inert_rows(batch, micro))
     return out
 
 
@@ -200,9 +211,11 @@ def _update(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: ProcessGroups,
             loss_config: PapoLossConfig) -> list[dict[str, float]]:
     rows_per_update = max(cfg.train.micro_batch_size,
                           cfg.train.update_prompts * cfg.rollout.n // pg.dp_size)
+    # the DAPO filter can leave replicas with different row counts: agree on the update count
+    count = _all_reduce_int(-(-batch.num_rows // rows_per_update), pg.dp, dist.ReduceOp.MAX)
     out = []
     for _ in range(cfg.train.epochs_per_step):
-        for mini in _mini_batches(batch, rows_per_update, cfg.train.micro_batch_size):
+        for mini in _mini_batches(batch, rows_per_update, cfg.train.micro_batch_size, count):
             lr = parts.lr_schedule.apply(parts.optimizer)
             m = papo_update(parts.ddp_chunks, parts.optimizer, mini, loss_config,
                             micro_batch_size=cfg.train.micro_batch_size, pg=pg,
@@ -225,16 +238,21 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
     adv = steps.group_advantages(rewards, cfg.rollout.n, cfg.algorithm)
     local = steps.rollout_metrics(result, rewards)
     local.update(adv.metrics)
-    # Every replica must take the same number of updates (collectives): if any replica's filter
-    # left it empty, all skip this step's update.
-    kept = torch.tensor(float(adv.kept_rows.numel()))
-    if pg.dp_size > 1:
-        dist.all_reduce(kept, op=dist.ReduceOp.MIN, group=pg.dp)
+    # Updates are collective over data-parallel replicas: skip only when no replica kept a group
+    # (DAPO filter); a replica that kept none takes part with inert rows (no loss, no gradient).
+    kept_anywhere = _all_reduce_int(int(adv.kept_rows.numel()), pg.dp, dist.ReduceOp.SUM)
     update_metrics: list[dict[str, float]] = []
     generated = float(result.metrics.get("generated_tokens", 0.0))
-    if kept.item() > 0:
+    if kept_anywhere > 0:
         masked_pixels = steps.masked_prompt_pixels(model, samples, cfg.masking, step)
-        batch = steps.rollout_train_batch(result, adv, pixels, masked_pixels, pad_id=parts.tokenizer.pad_id)
+        if adv.kept_rows.numel() == 0:
+            adv = steps.Advantages(advantages=torch.zeros(len(result)), kept_rows=torch.arange(len(result)),
+                                   metrics=adv.metrics)
+            batch = inert_rows(steps.rollout_train_batch(result, adv, pixels, masked_pixels,
+                                                         pad_id=parts.tokenizer.pad_id), len(result))
+        else:
+            batch = steps.rollout_train_batch(result, adv, pixels, masked_pixels,
+                                              pad_id=parts.tokenizer.pad_id)
         batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size)
         fill_log_probs(parts, batch, cfg, pg)
         update_metrics = _update(parts, batch, cfg, pg, step, cfg.loss)

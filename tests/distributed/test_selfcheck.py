@@ -15,7 +15,8 @@ ROOT = Path(__file__).parents[2]
 def test_readme_commands():
     readme = (ROOT / "README.md").read_text()
     assert "torchrun --nproc-per-node 2 -m megatron_papo.selfcheck" in readme
-    assert "pip install -e . && python -m megatron_papo.train --config examples/quickstart_papo_g.yaml" in readme
+    main = "pip install -e . && python -m megatron_papo.train --config examples/quickstart_papo_g.yaml"
+    assert main in readme
     ci = (ROOT / ".ci" / "run").read_text()
     test_cmd = re.search(r'pip install -e "\.\[dev\]" && (python -m pytest -q)', readme)
     assert test_cmd and test_cmd.group(1) in ci.splitlines()

@@ -53,3 +53,12 @@ def test_tp2_and_pp2_match_tp1(tmp_path):
                     assert run[step][k] == pytest.approx(row[k], rel=1e-4, abs=1e-5), (name, step, k)
                     checked += 1
     assert checked >= 2 * (1 + 2 * 8)  # every step's metrics were compared
+
+
+def test_dapo_data_parallel_completes(tmp_path):
+    """DAPO's filter leaves replicas with different row counts; updates are collective, so every
+    replica must take the same number (inert rows pad the short ones): the run must finish."""
+    rows = _run(tmp_path, "dapo_dp2", 2, "algorithm.name=dapo", "train.steps=3", "rollout.prompts_per_step=8",
+                "train.update_prompts=2", "train.sft_warmup_steps=6", "train.sft_batch_size=16")
+    rl = [r for r in rows.values() if "reward/mean" in r]
+    assert len(rl) == 3 and all("filter/kept_groups" in r for r in rl)

@@ -59,3 +59,17 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="rows"):
         build_train_batch(b.input_ids, b.attention_mask, 3, torch.ones(2, 3, dtype=torch.bool),
                           torch.zeros(3), b.pixel_values, b.masked_pixel_values, pad_id=PAD)
+
+
+def test_inert_rows_and_equal_update_counts():
+    from megatron_papo.batch import concat_batches, inert_rows
+    from megatron_papo.trainer import _mini_batches
+
+    b = _batch()
+    inert = inert_rows(b, 3)
+    assert inert.num_rows == 3 and not inert.loss_mask.any() and not inert.advantages.any()
+    assert concat_batches(b, inert).num_rows == 5
+    # a replica with 2 rows and one with 6 rows (4 per update) must both take 2 updates
+    minis = _mini_batches(b, rows_per_update=4, micro=2, count=2)
+    assert [m.num_rows for m in minis] == [2, 2]
+    assert minis[0].loss_mask.any() and not minis[1].loss_mask.any()
