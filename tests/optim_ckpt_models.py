@@ -42,3 +42,18 @@ def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1).view(1, 1, seq, seq)
     with torch.no_grad():
         return model(tokens, position_ids, mask)
+
+
+def train_step(ddp_chunks: list, optimizer, schedule, tokens: torch.Tensor) -> tuple[float, float]:
+    """One update of the tiny GPT's LM loss through megatron DDP + optimizer: (loss, grad_norm)."""
+    from megatron_papo.optim import finish_grad_sync, optimizer_step, zero_grads
+
+    zero_grads(ddp_chunks, optimizer)
+    loss = lm_loss(ddp_chunks[0], tokens)
+    loss.backward()
+    finish_grad_sync(ddp_chunks)
+    schedule.apply(optimizer)
+    ok, grad_norm, _ = optimizer_step(optimizer)
+    assert ok
+    schedule.advance()
+    return loss.item(), grad_norm

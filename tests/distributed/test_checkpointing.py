@@ -57,22 +57,10 @@ def _setup(tp: int, seed: int, dropout: float = 0.0):
 
 def _train(ddp, opt, schedule, steps: int, tokens: torch.Tensor | None = None) -> list[float]:
     """``steps`` updates; batches drawn from torch's global RNG unless ``tokens`` is given."""
-    from megatron_papo.optim import finish_grad_sync, optimizer_step, zero_grads
-    from tests.optim_ckpt_models import lm_loss, random_tokens
+    from tests.optim_ckpt_models import random_tokens, train_step
 
-    losses = []
-    for _ in range(steps):
-        batch = random_tokens(2) if tokens is None else tokens
-        zero_grads(ddp, opt)
-        loss = lm_loss(ddp[0], batch)
-        loss.backward()
-        finish_grad_sync(ddp)
-        schedule.apply(opt)
-        ok, _, _ = optimizer_step(opt)
-        assert ok
-        schedule.advance()
-        losses.append(loss.item())
-    return losses
+    return [train_step(ddp, opt, schedule, random_tokens(2) if tokens is None else tokens)[0]
+            for _ in range(steps)]
 
 
 def _params(ddp) -> list[torch.Tensor]:
