@@ -233,7 +233,8 @@ def plot_training(metrics_jsonl: Path, out_png: Path) -> Path:
     rows = load_rows(metrics_jsonl)
     fig, axes = _figure(2, 2, (12, 8))
     _training_panels(axes, rows, rl_step_rows(metrics_jsonl, rows))
-    name = metrics_file(metrics_jsonl).parent.name
+    run_dir = metrics_file(metrics_jsonl).resolve().parent
+    name = f"{run_dir.parent.name}/{run_dir.name}"
     fig.suptitle(f"{name}: {_eval_caption(eval_metrics(rows))}", fontsize=12)
     return _save(fig, out_png)
 
@@ -264,7 +265,7 @@ def _band_panel(ax: Axes, runs: Mapping[str, Sequence[Sequence[Row]]], key: str,
         mean = [sum(c) / len(c) for c in cols]
         color = f"C{i}"
         ax.plot(steps, mean, color=color, linewidth=2, label=f"{algo} (n={len(vals)})")
-        ax.fill_between(steps, [min(c) for c in cols], [max(c) for c in cols], color=color, alpha=0.2)
+        ax.fill_between(steps, [min(c) for c in cols], [max(c) for c in cols], color=color, alpha=0.12)
         drawn = True
     if drawn:
         ax.legend(fontsize=8)
@@ -298,9 +299,9 @@ def _bar_panel(ax: Axes, eval_table: Mapping[str, Mapping[str, Sequence[float]]]
             seeds = eval_table[a].get(key, [])
             ax.scatter([x] * len(seeds), seeds, color="black", s=10, zorder=3)
         for x, (m, _) in zip(xs, stats):
-            if math.isfinite(m):
-                ax.annotate(f"{m:.3f}", (x, m), textcoords="offset points", xytext=(0, 8),
-                            ha="center", fontsize=8)
+            if math.isfinite(m):  # inside the bar, clear of the error bar and the seed dots
+                ax.text(x, m / 2, f"{m:.3f}", ha="center", va="center", rotation=90, fontsize=9,
+                        color="white", fontweight="bold")
     ax.set_xticks(range(len(algos)), algos)
     ax.legend(fontsize=8, loc="lower right")
     _style(ax, "Final eval accuracy (mean ± std over seeds; dots = seeds)", "accuracy", xlabel="algorithm")
