@@ -121,6 +121,8 @@ class RunRecord:
     wall_s: float | None = None
     started: str = ""
     error: str = ""
+    code: str = ""
+    """Fingerprint of the source the run used (`code_fingerprint`), taken when it started."""
 
 
 @dataclass
@@ -133,6 +135,7 @@ class RunResult:
     status: str
     wall_s: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    code: str = ""
 
 
 def merge_overrides(*groups: Sequence[str]) -> list[str]:
@@ -186,7 +189,7 @@ def launch(spec: RunSpec, jobs: int, timeout_s: float | None) -> RunRecord:
     """Run one training subprocess (output to <run_dir>/train.log); never raises for a failed run."""
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     rec = RunRecord(algo=spec.algo, seed=spec.seed, command=display_command(spec.command),
-                    started=datetime.now(UTC).isoformat(timespec="seconds"))
+                    started=datetime.now(UTC).isoformat(timespec="seconds"), code=code_fingerprint())
     t0 = time.perf_counter()
     with (spec.run_dir / "train.log").open("w") as log:
         try:
@@ -202,6 +205,27 @@ def launch(spec: RunSpec, jobs: int, timeout_s: float | None) -> RunRecord:
         rec.error = f"exit code {rec.returncode}: {last_error_line(spec.run_dir / 'train.log')}"
     (spec.run_dir / "run.json").write_text(json.dumps(asdict(rec), indent=1))
     return rec
+
+
+def code_fingerprint() -> str:
+    """sha256 (12 hex) of megatron_papo/**/*.py and examples/*.yaml as they are on disk now, plus
+    the git commit: runs started while someone edits the trainer show up as different versions."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted([*(ROOT / "megatron_papo").rglob("*.py"), *(ROOT / "examples").glob("*.yaml")])
+    for f in files:
+        h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return f"{h.hexdigest()[:12]} (git {git_commit()})"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def last_error_line(log: Path) -> str:
@@ -251,21 +275,22 @@ def read_record(run_dir: Path) -> dict[str, Any]:
 def collect_run(algo: str, seed: int, run_dir: Path) -> RunResult:
     """The numbers of one run folder; a failed or unfinished run gets ok=False and why."""
     rec = read_record(run_dir)
-    wall = rec.get("wall_s")
+    wall, code = rec.get("wall_s"), rec.get("code", "")
     if rec.get("returncode") not in (0, None) or rec.get("error"):
-        return RunResult(algo, seed, False, rec.get("error") or f"exit code {rec['returncode']}", wall)
+        status = rec.get("error") or f"exit code {rec['returncode']}"
+        return RunResult(algo, seed, False, status, wall, code=code)
     try:
         rows = load_rows(run_dir)
     except MetricsFileError as e:
-        return RunResult(algo, seed, False, str(e), wall)
+        return RunResult(algo, seed, False, str(e), wall, code=code)
     ev = eval_metrics(rows)
     if "accuracy" not in ev:
-        return RunResult(algo, seed, False, "no final evaluation in metrics.jsonl", wall)
+        return RunResult(algo, seed, False, "no final evaluation in metrics.jsonl", wall, code=code)
     metrics = {"accuracy": ev["accuracy"], "accuracy_masked": ev.get("accuracy_masked", float("nan")),
                "masked_gap": ev.get("masked_gap", float("nan")), "format": ev.get("format", float("nan")),
                "k": ev.get("k", float("nan")), "prompts": ev.get("prompts", float("nan")),
                "final_reward": final_reward(rows), "warm_start_nll": warm_start_nll(rows)}
-    return RunResult(algo, seed, True, "ok", wall, metrics)
+    return RunResult(algo, seed, True, "ok", wall, metrics, code)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -462,6 +487,20 @@ def warm_start_check(results: Sequence[RunResult]) -> str:
     return "Note: the last warm-start NLL differs across algorithms at some seed (see the per-seed table)."
 
 
+def code_check(results: Sequence[RunResult]) -> str:
+    """Whether every run used the same source version (fingerprints recorded at launch)."""
+    versions: dict[str, list[str]] = {}
+    for r in results:
+        versions.setdefault(r.code or "not recorded", []).append(f"{r.algo}/seed{r.seed}")
+    if len(versions) == 1:
+        (code,) = versions
+        if code == "not recorded":
+            return "Source version per run: not recorded (runs made before the tool recorded it)."
+        return f"Source version: every run used the same megatron_papo/ + examples/ (fingerprint {code})."
+    groups = "; ".join(f"{code}: {', '.join(runs)}" for code, runs in versions.items())
+    return f"**Warning: the runs used different source versions** (edits during the comparison): {groups}."
+
+
 def shared_settings(run_dirs: Sequence[Path]) -> dict[str, Any]:
     """Eval / sampling / masking settings from the first run's resolved config.yaml."""
     import yaml
@@ -500,6 +539,9 @@ def render_markdown(results: Sequence[RunResult], info: Mapping[str, Any], plot_
                   "bars = mean, error bars = std, dots = seeds.", ""]
     lines += ["## Per seed", "", *per_seed_table(results), ""]
     lines += budget_section(info)
+    lines += [code_check(results), ""]
+    if info.get("note"):
+        lines += ["## Note from the person who ran the tool", "", info["note"], ""]
     lines += machine_section(info)
     return "\n".join(lines)
 
@@ -548,6 +590,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-train", action="store_true", help="only re-aggregate the runs under --out")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; 2 splits the cores)")
     p.add_argument("--run-timeout", type=float, default=3600.0, help="seconds before a run is killed")
+    p.add_argument("--note", default=None,
+                   help="text added to the report under a heading that says a person wrote it (kept in "
+                        "<out>/compare.json, so --skip-train keeps it)")
     return p.parse_args(argv)
 
 
@@ -581,7 +626,7 @@ def relative_link(target: Path, start: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
-    argv_text = shlex.join(["python", "tools/compare_algorithms.py", *given])
+    argv_text = shlex.join(["python", "tools/compare_algorithms.py", *elide_note(given)])
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     for a in algos:
         if not (ROOT / "examples" / f"tiny_{a}.yaml").is_file():
@@ -607,16 +652,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if any(r.ok for r in results) else 1
 
 
+def elide_note(argv: Sequence[str]) -> list[str]:
+    """argv with the --note text replaced by "..." (the note is printed in its own section)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            out.append("...")
+            skip = False
+        elif a == "--note":
+            out.append(a)
+            skip = True
+        else:
+            out.append("--note=..." if a.startswith("--note=") else a)
+    return out
+
+
 def prepare_info(args: argparse.Namespace, argv_text: str, specs: Sequence[RunSpec],
                  out: Path) -> dict[str, Any]:
     """How the runs are (or were) made: from <out>/compare.json with --skip-train, else fresh."""
     fresh = {"tool_command": argv_text, "budget": budget_overrides(args.quick, args.budget),
              "commands": [display_command(s.command) for s in specs], "jobs": args.jobs,
-             "machine": machine_info(), "started": datetime.now(UTC).isoformat(timespec="seconds")}
+             "machine": machine_info(), "started": datetime.now(UTC).isoformat(timespec="seconds"),
+             "note": args.note}
     saved = out / "compare.json"
     if args.skip_train and saved.is_file():
         info = json.loads(saved.read_text())
         info["aggregate_command"] = argv_text
+        if args.note is not None:
+            info["note"] = args.note
+            saved.write_text(json.dumps(info, indent=1))
         return info
     if args.skip_train:
         fresh["aggregate_command"] = argv_text

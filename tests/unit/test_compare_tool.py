@@ -24,7 +24,8 @@ def tool():
     return module
 
 
-def fake_run(run_dir: Path, algo: str, seed: int, acc: float, *, rewards=(0.2, 0.4, 0.5, 0.6, 0.7, 0.8)):
+def fake_run(run_dir: Path, algo: str, seed: int, acc: float, *, rewards=(0.2, 0.4, 0.5, 0.6, 0.7, 0.8),
+             code: str = "abc (git 123)"):
     run_dir.mkdir(parents=True)
     rows = [{"step": 1, "sft_nll": 0.5, "phase_sft": 1.0}]
     rows += [{"step": 2 + i, "reward/mean": r, "reward/accuracy": r - 0.05, "reward/format": 1.0}
@@ -36,7 +37,7 @@ def fake_run(run_dir: Path, algo: str, seed: int, acc: float, *, rewards=(0.2, 0
            "logging": {"dir": str(run_dir)}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run_dir / "run.json").write_text(json.dumps({"algo": algo, "seed": seed, "command": "x",
-                                                  "returncode": 0, "wall_s": 100.0 + seed}))
+                                                  "returncode": 0, "wall_s": 100.0 + seed, "code": code}))
 
 
 def test_budget_and_commands_are_identical_across_algorithms(tool, tmp_path):
@@ -57,14 +58,15 @@ def test_skip_train_aggregates_fake_runs(tool, tmp_path):
     out = tmp_path / "runs"
     for algo, base in (("grpo", 0.5), ("papo_g", 0.6)):
         for seed in (1, 2):
-            fake_run(out / algo / f"seed{seed}", algo, seed, base + 0.1 * (seed - 1))
+            code = "other (git 456)" if (algo, seed) == ("papo_g", 2) else "abc (git 123)"
+            fake_run(out / algo / f"seed{seed}", algo, seed, base + 0.1 * (seed - 1), code=code)
     (out / "papo_g" / "seed3").mkdir(parents=True)  # a crashed run: log + run.json, no metrics
     (out / "papo_g" / "seed3" / "run.json").write_text(json.dumps(
         {"algo": "papo_g", "seed": 3, "command": "x", "returncode": 1, "wall_s": 3.0,
          "error": "exit code 1: RuntimeError: boom"}))
     results, plot = tmp_path / "docs" / "RESULTS.md", tmp_path / "docs" / "cmp.png"
     rc = tool.main(["--skip-train", "--out", str(out), "--algos", "grpo,papo_g", "--seeds", "3",
-                    "--results", str(results), "--plot", str(plot)])
+                    "--results", str(results), "--plot", str(plot), "--note", "hand-written remark"])
     assert rc == 0
     text = results.read_text()
     assert ("| grpo | 2/3 | 0.550 ± 0.071 | 0.350 ± 0.071 | 0.200 ± 0.000 | 0.600 ± 0.000 | 0.900 ± 0.000 "
@@ -75,6 +77,9 @@ def test_skip_train_aggregates_fake_runs(tool, tmp_path):
     assert "| papo_g | 2 | 0.100 ± 0.000 |" in text  # paired difference vs grpo
     assert "`algorithm.name`" in text and "`train.lr`" not in text  # config check
     assert "avg@4" in text and "not pass@k" in text
+    assert "different source versions" in text and "other (git 456): papo_g/seed2" in text
+    assert "## Note from the person who ran the tool\n\nhand-written remark" in text
+    assert "--note ..." in text  # the note is not repeated inside the command line
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert (out / "grpo" / "seed1" / "training.png").is_file()
 
