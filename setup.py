@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "megatron-core>=0.16.1,<0.20",
     "numpy<2.5",  # numpy 2.5 ships no cp311 wheel
     "pyyaml>=6.0",
+    "packaging>=21",  # version comparisons in mcore_compat
     "psutil>=5.9",  # undeclared need of megatron-core's torch_dist checkpoint writer
     "tqdm>=4.60",
     "pillow>=10.0",
