@@ -357,18 +357,19 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
 
     parts = parts or build_parts(cfg, pg)
     run_dir = Path(cfg.logging.dir)
-    if cfg.checkpoint.init_weights and not cfg.checkpoint.resume:
-        if load_checkpoint(cfg.checkpoint.init_weights, parts.ddp_chunks, parts.optimizer, pg,
-                           load_optimizer=False, load_rng=False) is None:
-            raise FileNotFoundError(f"checkpoint.init_weights: no checkpoint under "
-                                    f"{cfg.checkpoint.init_weights}")
     start, phase = 0, "sft" if cfg.train.sft_warmup_steps > 0 else "rl"
-    if cfg.checkpoint.resume:
+    state = None
+    if cfg.checkpoint.resume and Path(cfg.checkpoint.dir).exists():  # else: a first run, nothing yet
         state = load_checkpoint(cfg.checkpoint.dir, parts.ddp_chunks, parts.optimizer, pg)
         if state is not None:
             start, phase = int(state["step"]), state["phase"]
             parts.sampler.load_state_dict(state["sampler"])
             parts.lr_schedule.load_state_dict(state["lr_schedule"])
+    if state is None and cfg.checkpoint.init_weights:  # a fresh run (nothing to resume yet)
+        if load_checkpoint(cfg.checkpoint.init_weights, parts.ddp_chunks, parts.optimizer, pg,
+                           load_optimizer=False, load_rng=False) is None:
+            raise FileNotFoundError(f"checkpoint.init_weights: no checkpoint under "
+                                    f"{cfg.checkpoint.init_weights}")
     logger = MetricsLogger(run_dir, enabled=is_rank_zero(), tensorboard=cfg.logging.tensorboard,
                            resume=cfg.checkpoint.resume and start > 0)
     sft_steps, total = cfg.train.sft_warmup_steps, cfg.train.sft_warmup_steps + cfg.train.steps
