@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from megatron_papo.rollout.base import position_ids_from_mask
+
 
 @dataclass
 class TrainBatch:
@@ -111,10 +113,10 @@ def build_train_batch(input_ids: Tensor, attention_mask: Tensor, response_start:
         raise ValueError(f"build_train_batch: advantages {tuple(advantages.shape)}, {len(pixel_values)} "
                          f"pixel rows and {len(masked_pixel_values)} masked rows must all have {rows} rows")
     target, loss_mask = shift_for_next_token(input_ids, response_start, response_mask, pad_id)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    return TrainBatch(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      target=target, loss_mask=loss_mask, advantages=advantages.float(),
-                      pixel_values=list(pixel_values), masked_pixel_values=list(masked_pixel_values))
+    return TrainBatch(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), target=target,
+                      loss_mask=loss_mask, advantages=advantages.float(), pixel_values=list(pixel_values),
+                      masked_pixel_values=list(masked_pixel_values))
 
 
 def stack_pixels(per_row: Sequence[Tensor | None]) -> Tensor | None:

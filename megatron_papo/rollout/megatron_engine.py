@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_papo.data.collate import left_pad
 from megatron_papo.rollout.base import (
     FinishReason,
     RolloutRequest,
@@ -144,16 +145,13 @@ class _Decoded:
     """[B] bool, True when the row ended with a stop token."""
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, extra: int) -> tuple[Tensor, Tensor]:
-    """Prompts -> (tokens [B, P + extra] int64, mask [B, P + extra] bool): prompts right-aligned
-    in the first P columns, ``extra`` empty (pad, False) columns after them for the response."""
-    p = max(len(x) for x in prompts)
-    tokens = torch.full((len(prompts), p + extra), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), p + extra, dtype=torch.bool)
-    for r, ids in enumerate(prompts):
-        tokens[r, p - len(ids):p] = torch.tensor(list(ids), dtype=torch.long)
-        mask[r, p - len(ids):p] = True
-    return tokens, mask
+def left_pad_with_room(prompts: Sequence[Sequence[int]], pad_id: int, extra: int) -> tuple[Tensor, Tensor]:
+    """Prompts -> (tokens [B, P + extra] int64, mask [B, P + extra] bool): prompts left-padded
+    into the first P columns (data.collate.left_pad), then ``extra`` empty (pad, False) columns
+    for the response."""
+    ids, mask = left_pad(prompts, pad_id)
+    return (torch.nn.functional.pad(ids, (0, extra), value=pad_id),
+            torch.nn.functional.pad(mask, (0, extra), value=False))
 
 
 class MegatronRolloutEngine:
@@ -247,7 +245,7 @@ class MegatronRolloutEngine:
                 generator: list[torch.Generator]) -> _Decoded:
         """Decode one batch; only still-running rows are forwarded at each step."""
         b, t_max = len(rows.prompts), params.max_new_tokens
-        tokens, mask = left_pad(rows.prompts, self.pad_id, t_max)  # [B, P + T]
+        tokens, mask = left_pad_with_room(rows.prompts, self.pad_id, t_max)  # [B, P + T]
         p = tokens.shape[1] - t_max
         out = _Decoded(tokens=torch.full((b, t_max), self.pad_id, dtype=torch.long),
                        sampling_lp=torch.zeros(b, t_max), policy_lp=torch.zeros(b, t_max),
