@@ -19,29 +19,13 @@ from megatron_papo.distributed import ProcessGroups
 from megatron_papo.losses import PapoLossConfig, papo_loss
 from megatron_papo.metrics import reduce_step_metrics
 from megatron_papo.ops import global_token_count, vocab_parallel_log_probs
+from megatron_papo.rollout.megatron_engine import eval_no_grad
 from megatron_papo.schedule import global_mean_loss_scale, run_microbatches
 
 
 def model_forward(model: torch.nn.Module, mb: Mapping[str, Any]) -> Tensor:
     """One chunk on one micro-batch dict (see batch.micro_batch_dicts)."""
     return model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], mb["pixel_values"])
-
-
-class _EvalMode:
-    """Context: modules in eval mode (no dropout), previous modes restored after."""
-
-    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
-        self.modules = list(modules)
-        self.modes: list[bool] = []
-
-    def __enter__(self) -> None:
-        self.modes = [m.training for m in self.modules]
-        for m in self.modules:
-            m.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in zip(self.modules, self.modes, strict=True):
-            m.train(mode)
 
 
 def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch, *, micro_batch_size: int,
@@ -56,7 +40,7 @@ def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch
         return logits.new_zeros(()), {"log_probs": lp}
 
     mbs = micro_batch_dicts(batch, micro_batch_size, masked_branch=masked_branch)
-    with torch.no_grad(), _EvalMode(model_chunks):
+    with eval_no_grad(model_chunks):
         outs = run_microbatches(model_chunks, mbs, model_forward, loss_fn, forward_only=True,
                                 seq_length=batch.seq_length, micro_batch_size=micro_batch_size)
     if not outs:

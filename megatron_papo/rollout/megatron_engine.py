@@ -81,7 +81,7 @@ def gpt_forward_fn(model: torch.nn.Module) -> ForwardFn:
 
 
 @contextlib.contextmanager
-def _eval_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+def eval_no_grad(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Eval mode (no dropout) and no autograd inside; each module's training flag restored after."""
     was_training = [m.training for m in modules]
     try:
@@ -221,7 +221,7 @@ class MegatronRolloutEngine:
         generator: list[torch.Generator] = []  # created on the logits' device at the first step
         step = self.max_batch_size or len(prompts)
         decoded: list[_Decoded] = []
-        with _eval_mode(self.modules):
+        with eval_no_grad(self.modules):
             for lo in range(0, len(prompts), step):
                 rows = _Rows(prompts[lo:lo + step], None if images is None else images[lo:lo + step])
                 decoded.append(self._decode(rows, params, stop_ids, generator))
