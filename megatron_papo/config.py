@@ -84,6 +84,13 @@ class ModelConfig:
     """Layer specs: auto = Transformer Engine when it imports, else megatron-core local specs."""
     recompute_activations: bool = False
     """Full activation recomputation in the transformer layers."""
+    image_size: int | None = None
+    """Images are resized to image_size x image_size before the vision encoder (None = the
+    model's default: 64 for tiny_vlm, 448 for qwen2_5_vl, which needs a multiple of 28)."""
+    tokenizer: str = "auto"
+    """auto: the model's own (tiny_vlm: the easy-VQA word tokenizer; qwen2_5_vl: the Hugging Face
+    tokenizer in hf_path); easy_vqa: the project's easy-VQA word tokenizer; or a folder with a
+    Hugging Face tokenizer."""
 
 
 @dataclass

@@ -288,7 +288,7 @@ def scatter_image_features(text_embeddings: Tensor, input_ids: Tensor, image_tok
 def _to_uint8_chw(image: Any) -> Tensor:
     """One PIL image, uint8/float CHW tensor or HWC numpy array -> [3, H, W] (uint8, or float in [0, 1])."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image.Image
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         array = image if image.ndim == 3 else image[:, :, None]
         image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)

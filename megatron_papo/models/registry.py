@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ModelBuilder", "ModelSpec", "build_model", "get_model_spec", "list_models", "register_model"]
 
-_BUILTIN_MODULES = ("megatron_papo.models.tiny_vlm",)
+_BUILTIN_MODULES = ("megatron_papo.models.tiny_vlm", "megatron_papo.models.qwen2_5_vl")
 """Modules that register the project's own models when imported."""
 
 

@@ -1,0 +1,457 @@
+"""Qwen2.5-VL in megatron-core: a GPTModel language model (tensor and pipeline parallel) and the
+transformers vision tower replicated on the first pipeline stage.
+
+    pixel_values [N, P, 3*2*14*14] ──► Qwen2.5-VL vision tower (window attention, 2-D rope,
+        patch merger; transformers' module, replicated over TP) ──► [N * P/4, H] image features
+    input_ids [B, S] ──► GPTModel.embedding ──► [S, B, H]; image-token rows <- image features
+        ──► GPTModel(decoder_input=..., 3-D mrope positions) ──► logits [B, S, V_pad / tp]
+
+The language model is Qwen2 (RMSNorm, SwiGLU, qkv bias, GQA, tied or untied embeddings) with
+multimodal rope: the 3-D positions Qwen2.5-VL uses are computed from the token layout by
+:func:`qwen_mrope_positions` (text tokens: t = h = w = running position; an image's tokens:
+t = start, h = start + row, w = start + column; the text after an image continues at
+start + max(rows, columns)).
+
+**Fixed resolution.** Every image is resized to ``image_size x image_size`` (a multiple of
+patch_size * spatial_merge_size = 28) before the transformers Qwen2.5-VL image processor
+(``Qwen2VLImageProcessorPil``, built locally, no download) cuts it into patches, so every image
+takes ``(image_size / 28)^2`` tokens and the masked-image branch of PAPO has exactly the same
+token layout as the original. The architecture is read from a Hugging Face folder
+(``config.json``; ``model.hf_path``), weights come from conversion
+(:mod:`megatron_papo.models.hf_qwen2_5_vl`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_papo.models.base import (
+    VisionLanguageModel,
+    _to_uint8_chw,
+    build_attention_mask,
+    causal_attention_mask,
+    common_transformer_fields,
+    count_image_tokens,
+    fp8_fields,
+    make_transformer_config,
+    model_parallel_sizes,
+    pad_vocab_size,
+    resolve_transformer_impl,
+    scatter_image_features,
+    torch_dtype,
+)
+from megatron_papo.models.registry import register_model
+from megatron_papo.models.tiny_vlm import language_layer_spec
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "Qwen25VL",
+    "Qwen25VLArch",
+    "UnsupportedArchitectureError",
+    "build_qwen2_5_vl",
+    "load_hf_config",
+    "qwen_mrope_positions",
+]
+
+SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+"""Hugging Face ``architectures`` entries this module converts and builds."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The Hugging Face folder holds a model this project cannot build or convert."""
+
+
+def load_hf_config(path: str | Path) -> Any:
+    """The transformers ``Qwen2_5_VLConfig`` of a Hugging Face folder (offline, no download).
+
+    Both config layouts load: the hub's flat one (``hidden_size`` at the top, ``rope_scaling``)
+    and the nested ``text_config`` one transformers 5 writes.
+    Raises:
+        FileNotFoundError: ``path`` or its ``config.json`` does not exist.
+        UnsupportedArchitectureError: the folder holds another architecture.
+    """
+    import json
+
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no such file (model.hf_path / --hf must be a Hugging Face "
+                                "model folder holding config.json)")
+    raw = json.loads(config_file.read_text())
+    archs = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    if model_type != "qwen2_5_vl" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
+        raise UnsupportedArchitectureError(
+            f"{config_file}: architectures={archs} model_type={model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'qwen2_5_vl')")
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+
+
+@dataclass(frozen=True)
+class Qwen25VLArch:
+    """The architecture numbers the Megatron side needs, read from a transformers config."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    image_token_id: int
+    vision_start_token_id: int | None
+    vision_end_token_id: int | None
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    vision_hidden_size: int
+    vision_depth: int
+    hf_config: Any
+    """The transformers config (builds the vision tower)."""
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> Qwen25VLArch:
+        text = getattr(config, "text_config", config)
+        vision = config.vision_config
+        rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
+        theta = rope.get("rope_theta", getattr(text, "rope_theta", None))
+        section = rope.get("mrope_section")
+        if theta is None or section is None:
+            raise UnsupportedArchitectureError("the config has no mrope rope parameters (rope_theta, "
+                                               "mrope_section): not a Qwen2.5-VL text config")
+        head_dim = text.hidden_size // text.num_attention_heads
+        if sum(section) != head_dim // 2:
+            raise UnsupportedArchitectureError(f"mrope_section {section} must sum to head_dim/2 = "
+                                               f"{head_dim // 2}")
+        tie = bool(getattr(config, "tie_word_embeddings", False)
+                   or getattr(text, "tie_word_embeddings", False))
+        return cls(vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+                   num_layers=text.num_hidden_layers,
+                   num_attention_heads=text.num_attention_heads,
+                   num_query_groups=text.num_key_value_heads or text.num_attention_heads,
+                   ffn_hidden_size=text.intermediate_size, rms_norm_eps=float(text.rms_norm_eps),
+                   rope_theta=float(theta), mrope_section=tuple(int(s) for s in section),
+                   max_position_embeddings=int(text.max_position_embeddings), tie_word_embeddings=tie,
+                   image_token_id=int(config.image_token_id),
+                   vision_start_token_id=getattr(config, "vision_start_token_id", None),
+                   vision_end_token_id=getattr(config, "vision_end_token_id", None),
+                   patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                   spatial_merge_size=vision.spatial_merge_size, vision_hidden_size=vision.hidden_size,
+                   vision_depth=vision.depth, hf_config=config)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def image_factor(self) -> int:
+        """Image sides must be multiples of this (patch * merge = 28 for Qwen2.5-VL)."""
+        return self.patch_size * self.spatial_merge_size
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """ValueError naming the sizes when TP / PP do not divide the architecture."""
+        if self.num_attention_heads % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide the {self.num_attention_heads} "
+                             "attention heads (num_attention_heads)")
+        if self.num_query_groups % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide the {self.num_query_groups} "
+                             "key/value heads (num_key_value_heads)")
+        if self.ffn_hidden_size % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide intermediate_size "
+                             f"{self.ffn_hidden_size}")
+        if self.num_layers % pp:
+            raise ValueError(f"pipeline parallel size {pp} does not divide the {self.num_layers} layers "
+                             "(num_hidden_layers)")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3-D multimodal rope positions
+# ---------------------------------------------------------------------------------------------
+def qwen_mrope_positions(input_ids: Tensor, position_ids: Tensor, image_token_id: int,
+                         grid_hw: tuple[int, int]) -> Tensor:
+    """Qwen2.5-VL's 3-D rope positions from 1-D ones (no host sync).
+
+    Args:
+        input_ids: [B, S]; each image is a run of ``gh * gw`` consecutive ``image_token_id``
+            (images of one row may follow each other directly).
+        position_ids: [B, S] 1-D positions, consecutive over a row's real tokens (padding anywhere).
+        image_token_id: the placeholder id.
+        grid_hw: (gh, gw) merged-token grid of every image.
+    Returns:
+        [3, B, S] int64 (temporal, height, width). Text tokens: all three = p + shift, where
+        shift = (images before the token) * (max(gh, gw) - gh * gw); the k-th token of an image
+        starting at 1-D position p0: (p0', p0' + k // gw, p0' + k % gw), p0' = p0 + shift.
+    """
+    gh, gw = grid_hw
+    n = gh * gw
+    is_img = input_ids == image_token_id  # [B, S]
+    seen = torch.cumsum(is_img.long(), dim=1)  # image tokens up to and including this one
+    pos = position_ids.long()
+    step = max(gh, gw) - n
+    # text: every image before it is complete -> seen // n images
+    text_shift = (seen // n) * step
+    # image token: index within the row's image tokens, within its image
+    idx = (seen - 1).clamp_min(0)
+    k, within = idx // n, idx % n
+    p0 = pos - within + k * step
+    rows, cols = within // gw, within % gw
+    t = torch.where(is_img, p0, pos + text_shift)
+    h = torch.where(is_img, p0 + rows, pos + text_shift)
+    w = torch.where(is_img, p0 + cols, pos + text_shift)
+    return torch.stack([t, h, w])
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+def qwen_language_config(a: Qwen25VLArch, *, tp: int, pp: int, vpp: int | None, impl: str, precision: str,
+                         fp8: str, recompute: bool, init_weights: bool) -> TransformerConfig:
+    """The Qwen2 language model's TransformerConfig."""
+    extra = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+             if recompute else {})
+    return make_transformer_config(
+        num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
+        num_query_groups=a.num_query_groups, ffn_hidden_size=a.ffn_hidden_size, kv_channels=a.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=a.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True, mrope_section=list(a.mrope_section),
+        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+        perform_initialization=init_weights, **extra, **fp8_fields(fp8, impl),
+        **common_transformer_fields(tp, precision))
+
+
+def build_vision_tower(a: Qwen25VLArch) -> torch.nn.Module:
+    """transformers' Qwen2.5-VL vision tower (patch embed, window-attention blocks, merger)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    vision_config = a.hf_config.vision_config
+    if getattr(vision_config, "_attn_implementation", None) in (None, "flash_attention_2"):
+        vision_config._attn_implementation = "sdpa"
+    return Qwen2_5_VisionTransformerPretrainedModel(vision_config)
+
+
+def build_image_processor(a: Qwen25VLArch, image_size: int) -> Any:
+    """The transformers Qwen2-VL image processor (PIL backend: torchvision has no CPU build),
+    pinned to one resolution (min_pixels = max_pixels = image_size^2)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    pixels = image_size * image_size
+    return Qwen2VLImageProcessorPil(patch_size=a.patch_size, temporal_patch_size=a.temporal_patch_size,
+                                    merge_size=a.spatial_merge_size, min_pixels=pixels, max_pixels=pixels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+class Qwen25VL(VisionLanguageModel):
+    """Qwen2.5-VL: ``visual`` (transformers vision tower, first stage only, replicated over TP)
+    and ``language_model`` (megatron-core GPTModel). State-dict keys: ``visual.*`` exactly as
+    Hugging Face names them, ``language_model.*`` megatron-core's."""
+
+    def __init__(self, arch: Qwen25VLArch, *, image_size: int = 448, seq_length: int = 4096,
+                 precision: str = "bf16", fp8: str = "none", transformer_impl: str = "auto",
+                 recompute_activations: bool = False, make_vocab_size_divisible_by: int = 128,
+                 pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+                 seed: int = 1234, init_weights: bool = True) -> None:
+        tp, pp, vpp = model_parallel_sizes()
+        if vpp is not None and vp_stage is None:
+            raise ValueError(f"the pipeline is interleaved ({vpp} virtual stages per rank): pass vp_stage")
+        arch.check_parallel(tp, pp)
+        if image_size < arch.image_factor or image_size % arch.image_factor:
+            raise ValueError(f"model.image_size={image_size} must be a positive multiple of patch_size * "
+                             f"spatial_merge_size = {arch.image_factor}")
+        impl = resolve_transformer_impl(transformer_impl)
+        lm_config = qwen_language_config(arch, tp=tp, pp=pp, vpp=vpp if vp_stage is not None else None,
+                                         impl=impl, precision=precision, fp8=fp8,
+                                         recompute=recompute_activations, init_weights=init_weights)
+        super().__init__(config=lm_config)
+        self.arch = arch
+        self.transformer_impl = impl
+        self.vocab_size = arch.vocab_size
+        self.padded_vocab_size = pad_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp)
+        self.image_token_id = arch.image_token_id
+        self.image_size = (image_size, image_size)
+        grid = image_size // arch.patch_size
+        self.patch_grid = (grid, grid)
+        self.token_grid = (grid // arch.spatial_merge_size, grid // arch.spatial_merge_size)
+        self.pre_process, self.post_process = pre_process, post_process
+        self._image_processor = None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.visual = build_vision_tower(arch) if pre_process else None
+            self.language_model = GPTModel(
+                config=lm_config, transformer_layer_spec=language_layer_spec(impl),
+                vocab_size=self.padded_vocab_size, max_sequence_length=max(seq_length, 1),
+                pre_process=pre_process, post_process=post_process,
+                share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="mrope",
+                rotary_base=arch.rope_theta, vp_stage=vp_stage)
+        self.to(torch_dtype(precision))
+
+    # --- interface -------------------------------------------------------------------------
+    @property
+    def tokens_per_image(self) -> int:
+        return self.token_grid[0] * self.token_grid[1]
+
+    def num_image_tokens(self, image_hw: tuple[int, int]) -> int:
+        """(image_size / 28)^2 for any input size: every image is resized to image_size first."""
+        if len(image_hw) != 2 or min(image_hw) < 1:
+            raise ValueError(f"image_hw must be a positive (height, width), got {image_hw!r}")
+        return self.tokens_per_image
+
+    @property
+    def image_processor(self) -> Any:
+        if self._image_processor is None:
+            self._image_processor = build_image_processor(self.arch, self.image_size[0])
+        return self._image_processor
+
+    def preprocess_images(self, images: Sequence[Any]) -> Tensor:
+        """PIL images / CHW tensors / HWC arrays -> [N, P, 3 * temporal_patch * patch^2] float32
+        patches (P = (image_size / patch)^2), through the transformers Qwen2-VL image processor."""
+        patch_dim = 3 * self.arch.temporal_patch_size * self.arch.patch_size ** 2
+        num_patches = self.patch_grid[0] * self.patch_grid[1]
+        if len(images) == 0:
+            return torch.empty(0, num_patches, patch_dim)
+        from PIL import Image
+
+        side = self.image_size[0]
+        pil = []
+        for image in images:
+            chw = _to_uint8_chw(image)
+            if chw.is_floating_point():
+                chw = (chw.clamp(0, 1) * 255).round().to(torch.uint8)
+            array = np.ascontiguousarray(chw.permute(1, 2, 0).numpy())
+            pil.append(Image.fromarray(array, "RGB").resize((side, side), Image.Resampling.BICUBIC))
+        out = self.image_processor(images=pil, return_tensors="pt")
+        grid = out["image_grid_thw"]
+        expected = torch.tensor([1, *self.patch_grid])
+        if not bool((grid == expected).all()):
+            raise RuntimeError(f"the image processor produced grids {grid.tolist()}, "
+                               f"expected {expected.tolist()}")
+        return out["pixel_values"].float().reshape(len(images), num_patches, patch_dim)
+
+    def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values [N, P, D] -> image features [N * tokens_per_image, H]."""
+        if self.visual is None:
+            raise RuntimeError("the vision tower lives on the first pipeline stage only")
+        num_patches = self.patch_grid[0] * self.patch_grid[1]
+        if pixel_values.dim() != 3 or pixel_values.shape[1] != num_patches:
+            raise ValueError(f"pixel_values must be [N, {num_patches}, D] (use preprocess_images), "
+                             f"got {tuple(pixel_values.shape)}")
+        n = pixel_values.shape[0]
+        weight = self.visual.patch_embed.proj.weight
+        grid = torch.tensor([[1, *self.patch_grid]] * n, dtype=torch.long, device=weight.device)
+        flat = pixel_values.reshape(n * num_patches, -1).to(device=weight.device, dtype=weight.dtype)
+        out = self.visual(flat, grid_thw=grid)
+        return out.pooler_output if hasattr(out, "pooler_output") else out
+
+    def embed(self, input_ids: Tensor, position_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+        """First stage: text embeddings [S, B, H] with image-token rows replaced by image features."""
+        text = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+        placeholders = count_image_tokens(input_ids, self.image_token_id)
+        if placeholders == 0:
+            return text
+        if pixel_values is None:
+            raise ValueError(f"the text holds {placeholders} image-token positions "
+                             f"(id {self.image_token_id}) but pixel_values is None")
+        return scatter_image_features(text, input_ids, self.image_token_id, self.encode_images(pixel_values))
+
+    def rope_positions(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """[B, S] 1-D positions -> Qwen2.5-VL's [3, B, S]; [3, B, S] positions are kept."""
+        if position_ids.dim() == 3:
+            return position_ids
+        if position_ids.dim() != 2:
+            raise ValueError(f"position_ids must be [B, S] or [3, B, S], got {tuple(position_ids.shape)}")
+        return qwen_mrope_positions(input_ids, position_ids, self.image_token_id, self.token_grid)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
+                pixel_values: Tensor | None = None, **lm_kwargs: Any) -> Tensor:
+        """See :meth:`VisionLanguageModel.forward`."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        seq_len = input_ids.shape[1]
+        mask = build_attention_mask(attention_mask, seq_len)
+        if mask is None and self.transformer_impl == "local":
+            mask = causal_attention_mask(seq_len, input_ids.device)
+        rope = self.rope_positions(input_ids, position_ids)
+        decoder_input = self.embed(input_ids, rope[0], pixel_values) if self.pre_process else None
+        return self.language_model(input_ids, rope, mask, decoder_input=decoder_input, **lm_kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict:
+        """Distributed-checkpoint view: the GPTModel's own sharded state dict under
+        ``language_model.``; the vision tower's tensors replicated (one writer per TP group)."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.module import MegatronModule
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        out: dict = {}
+        for name, module in self.named_children():
+            if isinstance(module, MegatronModule):
+                out.update(module.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
+            else:
+                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                      tp_group=parallel_state.get_tensor_model_parallel_group()))
+        return out
+
+
+def _image_size(cfg: Any, arch: Qwen25VLArch) -> int:
+    size = getattr(cfg, "image_size", None)
+    return int(size) if size else 16 * arch.image_factor
+
+
+def _check_overrides(cfg: Any, arch: Qwen25VLArch) -> None:
+    """ModelConfig size fields, when set, must agree with the Hugging Face config (they are read
+    from it, not overridden)."""
+    pairs = {"num_layers": arch.num_layers, "hidden_size": arch.hidden_size,
+             "num_attention_heads": arch.num_attention_heads, "num_query_groups": arch.num_query_groups,
+             "ffn_hidden_size": arch.ffn_hidden_size, "vocab_size": arch.vocab_size}
+    for name, value in pairs.items():
+        given = getattr(cfg, name, None)
+        if given is not None and given != value:
+            raise ValueError(f"model.{name}={given} disagrees with {cfg.hf_path}/config.json ({value}); "
+                             "leave it unset for qwen2_5_vl (sizes come from the Hugging Face config)")
+
+
+@register_model("qwen2_5_vl")
+def build_qwen2_5_vl(cfg: Any, *, vocab_size: int, image_token_id: int, pre_process: bool = True,
+                     post_process: bool = True, vp_stage: int | None = None, seed: int = 1234,
+                     init_weights: bool = True) -> Qwen25VL:
+    """Qwen2.5-VL (architecture from model.hf_path; megatron-core LM + transformers vision tower)."""
+    if not getattr(cfg, "hf_path", None):
+        raise ValueError("model.name=qwen2_5_vl needs model.hf_path: a Hugging Face folder with the "
+                         "model's config.json (e.g. a converted checkpoint's hf_config/)")
+    arch = Qwen25VLArch.from_hf_config(load_hf_config(cfg.hf_path))
+    _check_overrides(cfg, arch)
+    if vocab_size > arch.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} ids but {cfg.hf_path}/config.json vocab_size is "
+                         f"{arch.vocab_size}")
+    if image_token_id != arch.image_token_id:
+        raise ValueError(f"the tokenizer's image token id {image_token_id} differs from "
+                         f"{cfg.hf_path}/config.json image_token_id {arch.image_token_id}")
+    model = Qwen25VL(arch, image_size=_image_size(cfg, arch), seq_length=cfg.seq_length,
+                     precision=cfg.precision, fp8=cfg.fp8, transformer_impl=cfg.transformer_impl,
+                     recompute_activations=cfg.recompute_activations,
+                     make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+                     pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=seed,
+                     init_weights=init_weights)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
