@@ -24,6 +24,10 @@ INSTALL_REQUIRES = [
     "pyarrow>=14",  # Parquet rows (the ViRL39K layout)
     "tensorboard>=2.14",  # metrics events (torch.utils.tensorboard)
     "matplotlib>=3.7",  # training curves and the comparison plot (Agg, no display)
+    # Qwen2.5-VL: config parsing, the vision tower, the PIL image processor, tokenizers, and the
+    # parity reference. 5.x: the Qwen2VLImageProcessorPil module (torchvision has no CPU build).
+    "transformers>=5.23,<6",
+    "safetensors>=0.4",  # streaming HF checkpoint reads/writes (also a transformers dependency)
 ]
 
 EXTRAS_REQUIRE = {
