@@ -40,8 +40,11 @@ __all__ = [
     "VisionArch",
     "architecture_from_hf_config",
     "format_plan",
+    "kv_bytes_per_token",
     "parse_gpu",
     "plan_memory",
+    "verdict",
+    "vllm_weight_bytes",
 ]
 
 GIB = 2**30
