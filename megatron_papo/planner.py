@@ -179,7 +179,8 @@ PRESETS: dict[str, Architecture] = {
 }
 
 
-def architecture_from_hf_config(config: Mapping[str, Any] | str | Path, name: str | None = None) -> Architecture:
+def architecture_from_hf_config(config: Mapping[str, Any] | str | Path,
+                                name: str | None = None) -> Architecture:
     """A Qwen2.5-VL style Hugging Face config.json (path or dict) -> Architecture.
 
     Reads the language fields at the top level (or under ``text_config``) and ``vision_config``;
@@ -364,8 +365,8 @@ def language_layer_activation_bytes(lm: LanguageArch, run: RunShape, tokens: int
     Local specs (megatron-core's unfused DotProductAttention, torch norms), per token:
         each torch RMSNorm keeps its input and x*rstd                 2 x 2h
         linear inputs (qkv, fc1)                                      2h
-        q and k after rope, k/v expanded to all heads (GQA)           3h/t (+ (2gd) the fused
-                                                                      qkv buffer when g = a: v is a view of it)
+        q and k after rope, k/v expanded to all heads (GQA)           3h/t, + 2gd/t when g = a
+                                                                      (v is then a view of the qkv buffer)
         rope cos/sin tables of q and k, expanded over the batch       4d
         attention probabilities [a/t, s, s]                           a s / t per token
         context (out-proj input) h/t; fc1 output 2f/t, a copy of the gate half f/t, SiLU
@@ -381,7 +382,7 @@ def language_layer_activation_bytes(lm: LanguageArch, run: RunShape, tokens: int
     if run.impl == "transformer_engine":
         per_token = (2 * h * act + 2 * h * lin) / sp  # norm inputs (bf16) + LN outputs = linear inputs
         per_token += (h + 2 * g * d) / t * act + h / t * lin  # q, k, v; out-proj input
-        per_token += f_out / t * act + (f / t * lin if lm.gated_mlp else f / t * lin)  # fc1 out, fc2 in
+        per_token += f_out / t * act + f / t * lin  # fc1 out, fc2 in
         per_token += a / t * 4  # softmax lse (fp32)
     else:
         per_token = 2 * (2 * h) * act / sp  # two torch RMSNorms: input and x * rstd
@@ -498,7 +499,8 @@ def _stage_plan(arch: Architecture, run: RunShape, stage: Literal["first", "last
     if run.recompute:
         checkpoint = int(tokens * lm.hidden_size * act / sp_div)
         lm_act = in_flight * layers * checkpoint
-        notes["activations"] = f"full recompute: {layers} layer inputs x {in_flight} micro-batch(es) in flight"
+        notes["activations"] = (f"full recompute: {layers} layer inputs x {in_flight} micro-batch(es) "
+                                "in flight")
     else:
         lm_act = in_flight * layers * per_layer
         notes["activations"] = (f"{layers} layers x {per_layer / GIB:.3f} GiB x {in_flight} micro-batch(es) "
@@ -525,8 +527,8 @@ def _stage_plan(arch: Architecture, run: RunShape, stage: Literal["first", "last
     rows["logits"] = logits_bytes(lm, run, rows_mb) if last else 0
     rows["PAPO op scratch"] = papo_op_bytes(lm, run, rows_mb) if last else 0
     if last:
-        notes["logits"] = (f"[{rows_mb}, {math.ceil(run.seq_len / run.cp)}, {lm.padded_vocab(run.tp) // run.tp}]"
-                           f" x {act} B, and their gradient")
+        v_local = lm.padded_vocab(run.tp) // run.tp
+        notes["logits"] = f"[{rows_mb}, {math.ceil(run.seq_len / run.cp)}, {v_local}] x {act} B, and their gradient"
         notes["PAPO op scratch"] = "fused op: ~3 fp32 chunks of <= 128 MiB (never a [T, V/tp] fp32 copy)"
     # The masked-image branch.
     if run.masked_grad:
@@ -577,7 +579,7 @@ def plan_memory(arch: Architecture, run: RunShape, gpu_bytes: int | None = None)
             raise ValueError("plan_memory: a vLLM share needs gpu_bytes (the GPU's memory)")
         share = int(run.vllm_gpu_memory_utilization * gpu_bytes)
         for p in plans:
-            static = p.rows["weights"] + p.rows["gradients"] + p.rows["optimizer"] + p.rows.get("reference model", 0)
+            static = sum(p.rows.get(k, 0) for k in ("weights", "gradients", "optimizer", "reference model"))
             p.rows["vLLM share"] = share
             p.rollout_peak = static + share
             if run.vllm_mode == "colocated":
@@ -585,7 +587,8 @@ def plan_memory(arch: Architecture, run: RunShape, gpu_bytes: int | None = None)
                 p.rows["total (update)"] = p.update_peak
             p.rows["total (rollout)"] = p.rollout_peak
             tp = run.vllm_tp or run.tp
-            p.kv_cache_tokens = max(0, share - vllm_weight_bytes(arch, run)) // kv_bytes_per_token(arch.language, tp)
+            kv_room = max(0, share - vllm_weight_bytes(arch, run))
+            p.kv_cache_tokens = kv_room // kv_bytes_per_token(arch.language, tp)
     return max(plans, key=lambda p: p.peak)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_papo.planner import (  # noqa: E402
+from megatron_papo.planner import (
     GIB,
     PRESETS,
     Architecture,
@@ -33,7 +33,7 @@ from megatron_papo.planner import (  # noqa: E402
     verdict,
 )
 
-_HF_NAMES = {f"Qwen/Qwen2.5-VL-{s}-Instruct".lower(): f"qwen2_5_vl_{s.lower()}" for s in ("3B", "7B", "32B", "72B")}
+_HF_NAMES = {f"qwen/qwen2.5-vl-{s}-instruct": f"qwen2_5_vl_{s}" for s in ("3b", "7b", "32b", "72b")}
 
 
 def architecture_from_config(cfg: Any) -> Architecture:
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", choices=sorted(PRESETS), help="built-in architecture")
     src.add_argument("--hf-config", help="a Hugging Face config.json (or its folder)")
-    p.add_argument("--config", help="a project YAML config (model/parallel/train/rollout/loss give the shape)")
+    p.add_argument("--config", help="a project YAML config (its model/parallel/train/rollout/loss sections)")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)

@@ -54,7 +54,8 @@ def test_distributed_optimizer_shards_state_and_recompute_cuts_activations():
 def test_vllm_share_and_verdict():
     arch, gpu = PRESETS["qwen2_5_vl_7b"], parse_gpu("h100-80gb")
     run = RunShape(tp=4, dp=2, micro_batch=2, prompt_len=4096, response_len=2048, recompute=True,
-                   sequence_parallel=True, reference_model=True, vllm_mode="sleep", vllm_gpu_memory_utilization=0.4)
+                   sequence_parallel=True, reference_model=True, vllm_mode="sleep",
+                   vllm_gpu_memory_utilization=0.4)
     plan = plan_memory(arch, run, gpu)
     assert plan.rollout_peak > plan.update_peak and plan.kv_cache_tokens > 0
     fits, spare = verdict(plan, gpu)
