@@ -528,7 +528,8 @@ def _stage_plan(arch: Architecture, run: RunShape, stage: Literal["first", "last
     rows["PAPO op scratch"] = papo_op_bytes(lm, run, rows_mb) if last else 0
     if last:
         v_local = lm.padded_vocab(run.tp) // run.tp
-        notes["logits"] = f"[{rows_mb}, {math.ceil(run.seq_len / run.cp)}, {v_local}] x {act} B, and their gradient"
+        shape = f"[{rows_mb}, {math.ceil(run.seq_len / run.cp)}, {v_local}]"
+        notes["logits"] = f"{shape} x {act} B, and their gradient"
         notes["PAPO op scratch"] = "fused op: ~3 fp32 chunks of <= 128 MiB (never a [T, V/tp] fp32 copy)"
     # The masked-image branch.
     if run.masked_grad:
