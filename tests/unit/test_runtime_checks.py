@@ -52,7 +52,7 @@ def test_fp8_with_local_specs_is_refused():
 
 @pytest.mark.skipif(not NO_VLLM, reason="vLLM is installed")
 def test_vllm_engine_without_vllm():
-    with pytest.raises(MissingDependencyError, match="rollout.engine=vllm.*Megatron rollout engine"):
+    with pytest.raises(MissingDependencyError, match=r"rollout.engine=vllm.*Megatron rollout engine"):
         check_runtime(_cfg("rollout.engine=vllm"))
 
 
