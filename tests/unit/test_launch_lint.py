@@ -84,7 +84,7 @@ def test_dockerfile_project_rules():
     (base,) = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
     assert base.startswith("nvcr.io/nvidia/pytorch:") and "latest" not in base
     assert _versions()["NGC_PYTORCH_TAG"].endswith("-py3") and "latest" not in _versions()["NGC_PYTORCH_TAG"]
-    assert not re.search(r"pip install[^\n]*\bapex\b", text), "never pip install apex (unrelated PyPI package)"
+    assert not re.search(r"pip install[^\n]*\bapex\b", text), "never pip install apex (unrelated)"
     assert "--no-deps \"vllm==" in text  # vLLM must not replace the image's torch
     assert (ROOT / ".dockerignore").is_file()
 
