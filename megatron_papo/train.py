@@ -17,6 +17,7 @@ from megatron_papo.cli import parse_cli
 from megatron_papo.config import ConfigError, save_config
 from megatron_papo.distributed import destroy_distributed, init_distributed_from_config, is_rank_zero
 from megatron_papo.metrics import read_metrics, summarize
+from megatron_papo.runtime_checks import check_runtime
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,6 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     cfg = args.config
+    try:  # TE / FP8 / vLLM asked for but missing: stop before any process group or model exists
+        check_runtime(cfg)
+    except (ImportError, RuntimeError, ValueError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     pg = init_distributed_from_config(cfg.parallel, seed=cfg.train.seed)
     if args.flags.get("--save-init"):
         from megatron_papo.checkpointing import save_checkpoint
