@@ -314,3 +314,58 @@ __all__ = [
     "normalize_text",
     "split_pieces",
 ]
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face tokenizers (Qwen2.5-VL)
+# --------------------------------------------------------------------------------------
+
+QWEN_IMAGE_TOKEN = "<|image_pad|>"
+QWEN_VISION_START = "<|vision_start|>"
+QWEN_VISION_END = "<|vision_end|>"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer folder behind the :class:`Tokenizer` protocol (offline).
+
+    Qwen2.5-VL conventions: the image placeholder is ``<|image_pad|>`` and each image's run of
+    placeholders is wrapped in ``<|vision_start|>`` ... ``<|vision_end|>``
+    (:attr:`image_prefix_ids` / :attr:`image_suffix_ids`, which prompt encoding inserts);
+    special tokens written in the text (``<|im_start|>`` ...) are recognised; nothing is added
+    around the text (no bos).
+    """
+
+    def __init__(self, path: str | Path, image_token: str = QWEN_IMAGE_TOKEN) -> None:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            raise FileNotFoundError(f"{folder}: no tokenizer.json / tokenizer_config.json / vocab.json: not "
+                                    "a Hugging Face tokenizer folder (set model.tokenizer to one)")
+        from transformers import AutoTokenizer
+
+        self.path = folder
+        self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        image = self._tok.convert_tokens_to_ids(image_token)
+        if image is None or image == self._tok.unk_token_id:
+            raise ValueError(f"{folder}: the tokenizer has no image token {image_token!r}")
+        self.image_token_id = int(image)
+        self.vocab_size = len(self._tok)
+        eos = self._tok.eos_token_id
+        if eos is None:
+            raise ValueError(f"{folder}: the tokenizer defines no eos token")
+        self.eos_id = int(eos)
+        self.pad_id = int(self._tok.pad_token_id if self._tok.pad_token_id is not None else eos)
+        self.bos_id = None
+        self.image_prefix_ids = self._ids_of(QWEN_VISION_START)
+        self.image_suffix_ids = self._ids_of(QWEN_VISION_END)
+
+    def _ids_of(self, token: str) -> list[int]:
+        i = self._tok.convert_tokens_to_ids(token)
+        return [] if i is None or i == self._tok.unk_token_id else [int(i)]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)

@@ -36,12 +36,19 @@ from megatron_papo.tokenizer import Tokenizer
 
 
 def build_tokenizer(cfg: PapoConfig) -> Tokenizer:
-    """The tokenizer of cfg.model (the tiny model uses the project's easy-VQA word tokenizer)."""
-    if cfg.model.name == "tiny_vlm":
-        from megatron_papo.tokenizer import easy_vqa_tokenizer
+    """The tokenizer of cfg.model.tokenizer: easy_vqa (the project's word tokenizer), a Hugging
+    Face tokenizer folder, or auto (tiny_vlm: easy_vqa; qwen2_5_vl: the one in model.hf_path)."""
+    from megatron_papo.tokenizer import HFTokenizer, easy_vqa_tokenizer
 
+    choice = cfg.model.tokenizer
+    if choice == "easy_vqa" or (choice == "auto" and cfg.model.name == "tiny_vlm"):
         return easy_vqa_tokenizer()
-    raise ValueError(f"model.name={cfg.model.name!r}: no tokenizer is registered for it yet")
+    if choice == "auto":
+        if cfg.model.name == "qwen2_5_vl" and cfg.model.hf_path:
+            return HFTokenizer(cfg.model.hf_path)
+        raise ValueError(f"model.tokenizer=auto: no tokenizer is known for model.name={cfg.model.name!r}; "
+                         "set model.tokenizer to easy_vqa or a Hugging Face tokenizer folder")
+    return HFTokenizer(choice)
 
 
 def never_generate_ids(tok: Tokenizer) -> list[int]:

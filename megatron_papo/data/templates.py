@@ -36,6 +36,9 @@ class PromptTemplate:
 
     name: str
     text: str
+    in_word_corpus: bool = True
+    """Whether the project's word tokenizer learns this template's pieces (False for chat formats
+    of Hugging Face tokenizers; keeps the easy-VQA vocabulary unchanged)."""
 
     def __post_init__(self) -> None:
         for needle in (QUESTION_FIELD, IMAGE_MARKER):
@@ -76,8 +79,10 @@ def encode_prompt(tokenizer: Tokenizer, parts: Sequence[PromptPart], num_image_t
         raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
     ids = [tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []
     for part in parts:
-        if isinstance(part, ImageSlot):
+        if isinstance(part, ImageSlot):  # HF tokenizers wrap an image (Qwen: <|vision_start|> ...)
+            ids.extend(getattr(tokenizer, "image_prefix_ids", ()))
             ids.extend([tokenizer.image_token_id] * num_image_tokens)
+            ids.extend(getattr(tokenizer, "image_suffix_ids", ()))
         else:
             ids.extend(tokenizer.encode(part))
     return ids
@@ -113,7 +118,7 @@ def template_corpus(questions: Iterable[str]) -> list[str]:
     """Every question rendered with every registered template, one image each (a tokenizer corpus:
     the pieces at the joins, e.g. ``". what"``, are the ones real prompts contain)."""
     questions = list(questions)
-    return [t.render(q, 1) for t in TEMPLATES.values() for q in questions]
+    return [t.render(q, 1) for t in TEMPLATES.values() if t.in_word_corpus for q in questions]
 
 
 THINK_BOXED = register_template(PromptTemplate(
@@ -125,10 +130,22 @@ THINK_BOXED = register_template(PromptTemplate(
 PLAIN = register_template(PromptTemplate(name="plain", text="<image>{question}"))
 """Image and question only (for models already trained on the format)."""
 
+QWEN_CHAT_THINK_BOXED = register_template(PromptTemplate(
+    name="qwen_chat_think_boxed",
+    text=("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>{question} "
+          "You FIRST think about the reasoning process as an internal monologue and then provide the final "
+          "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer "
+          "MUST BE put in \\boxed{}.<|im_end|>\n<|im_start|>assistant\n"),
+    in_word_corpus=False,
+))
+"""Qwen2.5-VL chat format with the reasoning / boxed-answer instruction of the PAPO runs
+(a Hugging Face tokenizer turns the ``<|im_start|>`` markers into their special ids)."""
+
 
 __all__ = [
     "IMAGE_MARKER",
     "PLAIN",
+    "QWEN_CHAT_THINK_BOXED",
     "TEMPLATES",
     "THINK_BOXED",
     "ImageSlot",
