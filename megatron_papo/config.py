@@ -243,8 +243,9 @@ class CheckpointConfig:
     resume: bool = False
     """Continue from the newest checkpoint in `dir`."""
     init_weights: str | None = None
-    """Initial model weights from a megatron-core distributed checkpoint (a root with `latest`,
-    or one step directory), e.g. converted from Hugging Face; resharded to this run's TP/PP."""
+    """Initial model weights: a megatron-core distributed checkpoint (a root with `latest`, or one
+    step directory, e.g. from tools/convert_hf_to_megatron.py; resharded to this run's TP/PP), or
+    a Hugging Face folder (config.json + safetensors; qwen2_5_vl), read shard by shard per rank."""
 
 
 @dataclass
@@ -530,6 +531,15 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
     if tr.sft_warmup_steps < 0 or (tr.sft_warmup_steps and (tr.sft_batch_size < 1 or tr.sft_prompts < 1)):
         raise ConfigError("train.sft_*: need sft_warmup_steps >= 0, and sft_batch_size, sft_prompts >= 1 "
                           "when the warm start is on")
+    if model.name == "qwen2_5_vl":
+        if not model.hf_path:
+            raise ConfigError("model.hf_path: model.name=qwen2_5_vl reads its architecture from a Hugging Face "
+                              "folder (config.json); set model.hf_path")
+        if model.image_size is not None and (model.image_size < 28 or model.image_size % 28):
+            raise ConfigError(f"model.image_size={model.image_size}: qwen2_5_vl needs a positive multiple of "
+                              "28 (patch 14 x spatial merge 2)")
+    if model.image_size is not None and model.image_size < 1:
+        raise ConfigError(f"model.image_size: expected a positive integer, got {model.image_size}")
     if cfg.checkpoint.resume and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.resume: needs checkpoint.dir")
     if cfg.data.max_prompt_length + ro.max_new_tokens > model.seq_length:

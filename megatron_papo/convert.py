@@ -83,6 +83,9 @@ def convert_hf_to_megatron(hf_path: str | Path, out: str | Path, pg: ProcessGrou
     from megatron_papo.checkpointing import save_checkpoint
     from megatron_papo.models.hf_qwen2_5_vl import SafetensorsReader, copy_hf_side_files, load_hf_weights
 
+    from megatron_papo.models.qwen2_5_vl import load_hf_config
+
+    load_hf_config(hf_path)  # the architecture first (cheap), then the shards, then the model
     reader = SafetensorsReader(hf_path)
     model = build_for_conversion(hf_path, pg, precision=precision)
     load_hf_weights(model, reader)

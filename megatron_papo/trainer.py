@@ -357,6 +357,36 @@ def _sync_reference(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, *, resumed
         save_checkpoint(_ref_dir(cfg), 0, parts.ref_chunks, None, {"step": 0}, pg, keep_last=1)
 
 
+def is_hf_folder(path: str | Path) -> bool:
+    """A Hugging Face model folder: config.json and safetensors weights."""
+    p = Path(path)
+    return (p / "config.json").is_file() and ((p / "model.safetensors").is_file()
+                                              or (p / "model.safetensors.index.json").is_file())
+
+
+def init_weights(parts: Parts, cfg: PapoConfig, pg: ProcessGroups) -> None:
+    """checkpoint.init_weights: a project checkpoint (model weights only) or a Hugging Face
+    folder (each rank reads its own TP/PP shards; the policy's and the reference's weights)."""
+    from megatron_papo.checkpointing import load_checkpoint
+
+    path = cfg.checkpoint.init_weights
+    if is_hf_folder(path):
+        if cfg.model.name != "qwen2_5_vl":
+            raise ValueError(f"checkpoint.init_weights={path} is a Hugging Face folder, which only "
+                             f"model.name=qwen2_5_vl reads (model.name is {cfg.model.name!r})")
+        from megatron_papo.models.hf_qwen2_5_vl import SafetensorsReader, load_hf_weights
+
+        reader = SafetensorsReader(path)
+        for chunk in parts.model_chunks:
+            load_hf_weights(chunk, reader)
+        with torch.no_grad():
+            parts.optimizer.reload_model_params()  # bf16: refresh the fp32 main params
+        return
+    if load_checkpoint(path, parts.ddp_chunks, parts.optimizer, pg, load_optimizer=False,
+                       load_rng=False) is None:
+        raise FileNotFoundError(f"checkpoint.init_weights: no checkpoint under {path}")
+
+
 def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> TrainResult:
     """Run the whole job: [resume] -> [SFT warm start] -> RL steps (+ checkpoints, eval) -> summary."""
     from megatron_papo.checkpointing import load_checkpoint
@@ -373,10 +403,7 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
             parts.sampler.load_state_dict(state["sampler"])
             parts.lr_schedule.load_state_dict(state["lr_schedule"])
     if state is None and cfg.checkpoint.init_weights:  # a fresh run (nothing to resume yet)
-        if load_checkpoint(cfg.checkpoint.init_weights, parts.ddp_chunks, parts.optimizer, pg,
-                           load_optimizer=False, load_rng=False) is None:
-            raise FileNotFoundError(f"checkpoint.init_weights: no checkpoint under "
-                                    f"{cfg.checkpoint.init_weights}")
+        init_weights(parts, cfg, pg)
     logger = MetricsLogger(run_dir, enabled=is_rank_zero(), tensorboard=cfg.logging.tensorboard,
                            resume=cfg.checkpoint.resume and start > 0)
     sft_steps, total = cfg.train.sft_warmup_steps, cfg.train.sft_warmup_steps + cfg.train.steps

@@ -36,6 +36,15 @@ from megatron_papo.planner import (
 _HF_NAMES = {f"qwen/qwen2.5-vl-{s}-instruct": f"qwen2_5_vl_{s}" for s in ("3b", "7b", "32b", "72b")}
 
 
+def _preset_of(hf_path: str) -> str | None:
+    """The preset of a hub id (Qwen/Qwen2.5-VL-7B-Instruct) or of a folder named like one
+    (/models/Qwen2.5-VL-7B-Instruct), when the folder is not on this machine."""
+    key = hf_path.lower().rstrip("/")
+    if key in _HF_NAMES:
+        return _HF_NAMES[key]
+    return _HF_NAMES.get("qwen/" + key.rsplit("/", 1)[-1])
+
+
 def architecture_from_config(cfg: Any) -> Architecture:
     """The architecture a project config describes: a local HF folder, a known HF model id, or
     the registry model's sizes (tiny_vlm preset overridden by the model section's fields)."""
@@ -43,8 +52,8 @@ def architecture_from_config(cfg: Any) -> Architecture:
     if m.hf_path:
         if (Path(m.hf_path) / "config.json").is_file():
             arch = architecture_from_hf_config(m.hf_path)
-        elif m.hf_path.lower().rstrip("/") in _HF_NAMES:
-            arch = PRESETS[_HF_NAMES[m.hf_path.lower().rstrip("/")]]
+        elif _preset_of(m.hf_path) is not None:
+            arch = PRESETS[_preset_of(m.hf_path)]
         else:
             raise SystemExit(f"model.hf_path={m.hf_path!r}: no config.json there and not one of "
                              f"{sorted(_HF_NAMES)}; pass --model or --hf-config")
