@@ -533,8 +533,8 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
                           "when the warm start is on")
     if model.name == "qwen2_5_vl":
         if not model.hf_path:
-            raise ConfigError("model.hf_path: model.name=qwen2_5_vl reads its architecture from a Hugging Face "
-                              "folder (config.json); set model.hf_path")
+            raise ConfigError("model.hf_path: model.name=qwen2_5_vl reads its architecture from a Hugging "
+                              "Face folder (config.json); set model.hf_path")
         if model.image_size is not None and (model.image_size < 28 or model.image_size % 28):
             raise ConfigError(f"model.image_size={model.image_size}: qwen2_5_vl needs a positive multiple of "
                               "28 (patch 14 x spatial merge 2)")

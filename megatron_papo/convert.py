@@ -82,7 +82,6 @@ def convert_hf_to_megatron(hf_path: str | Path, out: str | Path, pg: ProcessGrou
     """
     from megatron_papo.checkpointing import save_checkpoint
     from megatron_papo.models.hf_qwen2_5_vl import SafetensorsReader, copy_hf_side_files, load_hf_weights
-
     from megatron_papo.models.qwen2_5_vl import load_hf_config
 
     load_hf_config(hf_path)  # the architecture first (cheap), then the shards, then the model

@@ -68,8 +68,9 @@ def _run(rank: int, world: int, hf_dir: str, work: str) -> dict:
 
     def identical(folder: Path) -> bool:
         back = load_file(str(folder / "model.safetensors"))
-        return sorted(back) == sorted(ref) and all(torch.equal(back[k].view(-1).view(torch.uint8),
-                                                               ref[k].view(-1).view(torch.uint8)) for k in ref)
+        same = all(torch.equal(back[k].view(-1).view(torch.uint8), ref[k].view(-1).view(torch.uint8))
+                   for k in ref)
+        return sorted(back) == sorted(ref) and same
 
     out: dict = {}
     # 1. TP=2

@@ -77,7 +77,7 @@ def test_mrope_positions_equal_transformers_rope_index(hf_dir):
     def image():
         return [vs] + [img] * n + [ve]
 
-    rows = [[5, 6] + image() + [7, 8, 9] + image() + [10], [11, 12, 13] + image() + [14, 15]]
+    rows = [[5, 6, *image(), 7, 8, 9, *image(), 10], [11, 12, 13, *image(), 14, 15]]
     width = max(map(len, rows))
     ids = torch.zeros(2, width, dtype=torch.long)
     mask = torch.zeros(2, width, dtype=torch.long)
@@ -130,7 +130,8 @@ def test_mismapped_weight_fails_parity(hf_dir, pg, tmp_path):
     r = run_parity_check(hf_dir, tmp_path / "bad_meg", pg)
     assert not r.passed and r.max_abs_diff > 1e-2, r.line()
     cli = subprocess.run([sys.executable, str(ROOT / "tools/check_hf_parity.py"), "--hf", str(hf_dir),
-                          "--megatron", str(tmp_path / "bad_meg")], capture_output=True, text=True, timeout=300)
+                          "--megatron", str(tmp_path / "bad_meg")], capture_output=True, text=True,
+                         timeout=300)
     assert cli.returncode == 1, cli.stdout + cli.stderr
     assert "FAIL: max |logit_hf - logit_megatron|" in cli.stdout
 
@@ -142,7 +143,8 @@ def test_round_trip_bit_identical(hf_dir, converted, pg, tmp_path):
     info = convert_megatron_to_hf(converted, tmp_path / "back", pg)
     n = _assert_bit_identical(hf_dir, tmp_path / "back")
     assert info["tensors"] == n
-    assert json.loads((tmp_path / "back/config.json").read_text()) == json.loads((hf_dir / "config.json").read_text())
+    config = json.loads((tmp_path / "back/config.json").read_text())
+    assert config == json.loads((hf_dir / "config.json").read_text())
 
 
 @pytest.mark.parametrize("kind", ["tied", "bf16", "sharded"])
@@ -180,8 +182,8 @@ def test_round_trip_variants(kind, pg, tmp_path):
 
 
 def test_exporter_buckets_are_bounded(hf_dir, converted, pg):
-    from megatron_papo.convert import build_for_conversion
     from megatron_papo.checkpointing import load_checkpoint
+    from megatron_papo.convert import build_for_conversion
     from megatron_papo.models.hf_qwen2_5_vl import iter_hf_buckets
 
     model = build_for_conversion(hf_dir, pg)
@@ -210,10 +212,10 @@ def test_unknown_architecture_is_named(tmp_path, pg):
                                                            r"Qwen2_5_VLForConditionalGeneration"):
         convert_hf_to_megatron(tmp_path / "llama", tmp_path / "out", pg)
     cli = subprocess.run([sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf",
-                          str(tmp_path / "llama"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                         timeout=300)
+                          str(tmp_path / "llama"), "--out", str(tmp_path / "o")], capture_output=True,
+                         text=True, timeout=300)
     assert cli.returncode == 2 and "not supported" in cli.stderr
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         convert_hf_to_megatron(tmp_path / "nowhere", tmp_path / "out", pg)
 
 
@@ -254,7 +256,7 @@ def test_missing_shards_and_tensors_are_named(hf_dir, tmp_path, pg):
     save_file({k: v for k, v in tensors.items() if k != drop}, str(single / "model.safetensors"))
     with pytest.raises(HFCheckpointError, match=f"no tensor '{drop}'"):
         convert_hf_to_megatron(single, tmp_path / "out", pg)
-    with pytest.raises(HFCheckpointError, match="no model.safetensors"):
+    with pytest.raises(HFCheckpointError, match=r"no model\.safetensors"):
         SafetensorsReader(tmp_path)
 
 
