@@ -271,3 +271,38 @@ def test_transformers5_in_memory_names_are_read(hf_dir, tmp_path):
     reader = SafetensorsReader(tmp_path / "new")
     assert reader.names() == sorted(tensors)
     assert torch.equal(reader.get("visual.merger.mlp.0.weight"), tensors["visual.merger.mlp.0.weight"])
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+def _tiny_hf_tokenizer(folder: Path) -> Path:
+    """A word-level Hugging Face tokenizer with Qwen's special tokens, built and saved locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>"]
+    words = ["what", "shape", "is", "this", "?", "system", "user", "assistant", "you", "are", "a", "[UNK]"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="[UNK]", additional_special_tokens=specials[1:])
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def test_hf_tokenizer_wraps_images_in_vision_tokens(tmp_path):
+    from megatron_papo.data.templates import encode_prompt, get_template
+    from megatron_papo.tokenizer import HFTokenizer, Tokenizer
+
+    tok = HFTokenizer(_tiny_hf_tokenizer(tmp_path / "tok"))
+    assert isinstance(tok, Tokenizer)
+    assert (tok.image_token_id, tok.eos_id, tok.pad_id, tok.bos_id) == (5, 2, 0, None)
+    assert (tok.image_prefix_ids, tok.image_suffix_ids) == ([3], [4])
+    parts = get_template("plain").parts("what shape is this ?", 1)
+    ids = encode_prompt(tok, parts, num_image_tokens=4)
+    assert ids[:6] == [3, 5, 5, 5, 5, 4] and tok.decode(ids[6:]) == "what shape is this ?"
+    chat = encode_prompt(tok, get_template("qwen_chat_think_boxed").parts("what shape is this ?", 1), 4)
+    assert chat[0] == 1 and chat.count(5) == 4 and chat[-1] not in (tok.eos_id,)  # <|im_start|> ... assistant
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face tokenizer folder"):
+        HFTokenizer(tmp_path)
