@@ -1,15 +1,26 @@
-"""Fused PAPO token-stats op vs the naive path: time and peak memory.
+"""PAPO token-stats op: naive vs chunked torch vs fused Triton kernel; time, peak memory, bandwidth floor.
 
     python benchmarks/bench_papo_op.py                       # T=4096, V=152064, tp=1, bf16, CPU
     python benchmarks/bench_papo_op.py --T 512 --V 32768     # quick
     python benchmarks/bench_papo_op.py --tp 2                # gloo ranks via run_distributed
-    python benchmarks/bench_papo_op.py --device cuda         # GPU: cuda events, max_memory_allocated
+    python benchmarks/bench_papo_op.py --device cuda --T 4096,16384 --V-local 38016,76032,152064
+                                                             # GPU grid of the issue (one shard each)
 
-Variants (both compute log p(y), log q(y), KL(p||q), H(p), H(q) and backpropagate into both logit
+Variants (all compute log p(y), log q(y), KL(p||q), H(p), H(q) and backpropagate into both logit
 tensors with a loss that uses all five):
-  naive: all-gather the TP shards into [T, V], upcast to fp32, log_softmax, autograd backward
-         (megatron_papo.ops.reference.naive_papo_token_stats);
-  fused: megatron_papo.ops.papo_token_stats (chunked, hand-written backward).
+  naive:  all-gather the TP shards into [T, V], upcast to fp32, log_softmax, autograd backward
+          (megatron_papo.ops.reference.naive_papo_token_stats);
+  torch:  megatron_papo.ops.papo_token_stats(impl="torch") (token-chunked torch ops, hand-written
+          backward; called "fused" in earlier tables, and --variants fused still selects it);
+  triton: megatron_papo.ops.papo_token_stats(impl="triton") (one Triton kernel per pass; CUDA only,
+          skipped on CPU).
+
+Bandwidth floor. The least traffic any implementation needs: read both [T, V_local] logit tensors
+once in the forward and once in the backward, and write both gradients once, i.e.
+6 * T * V_local * element_size bytes. Divided by a measured copy bandwidth (a large
+device-to-device tensor copy timed with cuda events on GPU, a memcpy of a 256 MiB tensor on CPU;
+bytes read + written per second, best of 5) it gives "floor ms"; "floor/measured" = floor ms /
+fwd+bwd ms (1.0 = at the memory-bandwidth floor).
 
 Memory. CPU: every variant runs in a fresh process (a subprocess, or fresh gloo ranks for
 --tp > 1). After the inputs are built, the kernel's peak-RSS mark (VmHWM) is reset by writing 5
@@ -68,8 +79,8 @@ def _step(variant: str, z, zq, y, group, vocab_size: int, chunk_size: int | None
     from megatron_papo.ops import papo_token_stats
     from megatron_papo.ops.reference import naive_papo_token_stats
 
-    if variant == "fused":
-        return papo_token_stats(z, zq, y, group, vocab_size, chunk_size=chunk_size)
+    if variant in ("torch", "triton"):
+        return papo_token_stats(z, zq, y, group, vocab_size, chunk_size=chunk_size, impl=variant)
     return naive_papo_token_stats(z, zq, y, group, vocab_size)
 
 
@@ -189,47 +200,119 @@ def _naive_fits(args) -> tuple[bool, str]:
     return need < 0.85 * avail, why
 
 
+def copy_bandwidth_gbs(device: str, nbytes: int = 2**30, repeats: int = 5) -> float:
+    """Measured copy bandwidth in GB/s (1e9 bytes): (bytes read + bytes written) / time of dst.copy_(src).
+
+    CUDA: a device-to-device copy of ``nbytes`` timed with cuda events; CPU: a memcpy of
+    min(nbytes, 256 MiB) timed with perf_counter. Best of ``repeats`` after one warm-up.
+    """
+    if device != "cuda":
+        nbytes = min(nbytes, 256 * 2**20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up, pages in dst
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            torch.cuda.synchronize()
+            ev[0].record()
+            dst.copy_(src)
+            ev[1].record()
+            torch.cuda.synchronize()
+            sec = ev[0].elapsed_time(ev[1]) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            sec = time.perf_counter() - t0
+        best = min(best, sec)
+    return 2 * nbytes / best / 1e9
+
+
+def floor_bytes(t: int, v_local: int, dtype: torch.dtype) -> int:
+    """Bytes that must move: both logit tensors read in forward and backward, both grads written."""
+    return 6 * t * v_local * torch.empty((), dtype=dtype).element_size()
+
+
+def floor_ms(t: int, v_local: int, dtype: torch.dtype, bandwidth_gbs: float) -> float:
+    """floor_bytes / measured copy bandwidth, in milliseconds."""
+    return floor_bytes(t, v_local, dtype) / (bandwidth_gbs * 1e9) * 1e3
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _row(args, variant: str, bandwidth: float) -> str:
+    """Measure one variant at one grid point (args.T, args.V) and format its table row."""
+    v_local = args.V // args.tp
+    dtype = getattr(torch, args.dtype)
+    floor = floor_ms(args.T, v_local, dtype, bandwidth)
+    row = f"| {variant} | {args.tp} | {args.T} | {v_local} | {args.dtype} | "
+    if variant == "triton" and args.device != "cuda":
+        return row + "skipped (GPU only) | | | " + f"{floor:.1f} | |"
+    if variant == "naive" and args.device == "cpu":
+        fits, why = _naive_fits(args)
+        if not fits:
+            return row + f"skipped | skipped | {why} | {floor:.1f} | |"
+    if args.device == "cuda":
+        r = run_variant(args, variant, fixed_mmap=False)
+        peak = r["peak_extra_mb"]
+    else:
+        peak = run_variant(args, variant, fixed_mmap=True)["peak_extra_mb"]
+        r = run_variant(args, variant, fixed_mmap=False)
+    if "error" in r:
+        return row + f"{r['error']} | {r['error']} | | {floor:.1f} | |"
+    ratio = floor / r["fwd_bwd_ms"]
+    return row + f"{r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {peak:.0f} | {floor:.1f} | {ratio:.3f} |"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=int, default=4096, help="tokens")
+    p.add_argument("--T", type=_ints, default=[4096], help="tokens; a comma list runs a grid")
     p.add_argument("--V", type=int, default=152064, help="global (padded) vocabulary; V_local = V / tp")
+    p.add_argument("--V-local", type=_ints, default=None, dest="v_local",
+                   help="comma list of V_local values (overrides --V: V = V_local * tp)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=None)
-    p.add_argument("--variants", default="naive,fused")
+    p.add_argument("--variants", default=None,
+                   help="comma list of naive, torch (alias fused), triton; default naive,torch on CPU, "
+                        "naive,torch,triton on CUDA")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.V % args.tp:
-        p.error(f"--V {args.V} must be divisible by --tp {args.tp}")
     if args.device == "cuda" and args.tp > 1:
         p.error("--device cuda supports --tp 1 only (launch under torchrun for more)")
+    vs = [args.V] if args.v_local is None else [v * args.tp for v in args.v_local]
+    if any(v % args.tp for v in vs):
+        p.error(f"--V {args.V} must be divisible by --tp {args.tp}")
 
     if args.worker:  # inside the fresh subprocess of one variant
         torch.set_num_threads(os.cpu_count() or 1)
-        r = measure(args.worker, args.T, args.V, getattr(torch, args.dtype), args.device, args.repeats,
-                    None, 0, args.V, args.chunk_size)
+        try:
+            r = measure(args.worker, args.T[0], vs[0], getattr(torch, args.dtype), args.device, args.repeats,
+                        None, 0, vs[0], args.chunk_size)
+        except torch.OutOfMemoryError:
+            r = {"error": "out of memory"}
         print(SEP + json.dumps(r), flush=True)
         return
 
-    print(f"# torch {torch.__version__}, nproc {os.cpu_count()}, device {args.device}, tp {args.tp}")
-    header = "| variant | tp | T | V_local | dtype | fwd ms | fwd+bwd ms | peak extra MB |"
-    print(header + "\n|---|---|---|---|---|---|---|---|", flush=True)
-    for variant in args.variants.split(","):
-        row = f"| {variant} | {args.tp} | {args.T} | {args.V // args.tp} | {args.dtype} | "
-        if variant == "naive" and args.device == "cpu":
-            fits, why = _naive_fits(args)
-            if not fits:
-                print(row + f"skipped | skipped | {why} |", flush=True)
-                continue
-        if args.device == "cuda":
-            r = run_variant(args, variant, fixed_mmap=False)
-            peak = r["peak_extra_mb"]
-        else:
-            peak = run_variant(args, variant, fixed_mmap=True)["peak_extra_mb"]
-            r = run_variant(args, variant, fixed_mmap=False)
-        print(row + f"{r['fwd_ms']:.0f} | {r['fwd_bwd_ms']:.0f} | {peak:.0f} |", flush=True)
+    variants = args.variants or ("naive,torch,triton" if args.device == "cuda" else "naive,torch")
+    variants = [{"fused": "torch"}.get(v, v) for v in variants.split(",")]
+    bandwidth = copy_bandwidth_gbs(args.device)
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"# torch {torch.__version__}, nproc {os.cpu_count()}, device {args.device} ({dev}), tp {args.tp}, "
+          f"copy bandwidth {bandwidth:.1f} GB/s (read+write)")
+    header = ("| variant | tp | T | V_local | dtype | fwd ms | fwd+bwd ms | peak extra MB | floor ms "
+              "| floor/measured |")
+    print(header + "\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for t in args.T:
+        for v in vs:
+            point = argparse.Namespace(**{**vars(args), "T": t, "V": v})
+            for variant in variants:
+                print(_row(point, variant, bandwidth), flush=True)
 
 
 if __name__ == "__main__":

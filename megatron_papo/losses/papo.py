@@ -79,6 +79,9 @@ class PapoLossConfig:
     """Factor reached at the end of the linear schedule (then held)."""
     loss_agg: LossAgg = "token-mean"
     """Aggregation of L_pg and L_refkl: token-mean, seq-mean-token-mean or seq-mean-token-sum."""
+    op_impl: Literal["auto", "torch", "triton"] = "auto"
+    """Backend of the full-vocabulary token statistics (ops.papo_token_stats): "triton" = fused
+    kernels (CUDA), "torch" = chunked torch ops, "auto" = triton on CUDA when it imports."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,7 +106,7 @@ class PapoLossConfig:
                 raise bad(name, "a value > 0")
         choices = {"ref_kl_estimator": KL_ESTIMATORS, "kl_prcp_mode": ("k3", "full"),
                    "entropy_mode": ("sampled", "full"), "gamma_schedule": ("constant", "linear"),
-                   "loss_agg": LOSS_AGGS}
+                   "loss_agg": LOSS_AGGS, "op_impl": ("auto", "torch", "triton")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"one of {list(allowed)}")
@@ -307,7 +310,7 @@ def papo_loss(logits: Tensor, target: Tensor, old_log_probs: Tensor, advantages:
                              f"{tuple(logits.shape)}")
         if not config.masked_grad:
             masked_logits = masked_logits.detach()
-        stats = papo_token_stats(logits, masked_logits, target, tp_group, vocab_size)
+        stats = papo_token_stats(logits, masked_logits, target, tp_group, vocab_size, impl=config.op_impl)
         log_probs, masked_log_probs = stats.log_probs, stats.masked_log_probs
         full_kl, entropy, masked_entropy = stats.kl, stats.entropy, stats.masked_entropy
     else:

@@ -190,8 +190,12 @@ def _global_max(shards: list[Tensor], n_valid: int, tp_group: dist.ProcessGroup 
     """
     dtype = shards[0].dtype if len(shards) == 1 else torch.promote_types(shards[0].dtype, shards[1].dtype)
     acc = compute_dtype(dtype)
-    local = torch.stack([z[:, :n_valid].amax(dim=-1).to(acc) for z in shards])
-    local = torch.nan_to_num(local, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    return reduce_max(torch.stack([z[:, :n_valid].amax(dim=-1).to(acc) for z in shards]), tp_group)
+
+
+def reduce_max(local: Tensor, tp_group: dist.ProcessGroup | None) -> Tensor:
+    """All-reduce MAX of per-token local maxima [k, T], NaN mapped to +inf first (in place)."""
+    local = torch.nan_to_num_(local, nan=math.inf, posinf=math.inf, neginf=-math.inf)
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=tp_group)
     return local
@@ -272,6 +276,28 @@ def _chunk_partial_sums(zp: Tensor, zq: Tensor | None, m: Tensor, idx: Tensor | 
         out[_Y_Q] = _pick(zs_q, idx, in_shard)
     zs_q.neg_().add_(zs_p)  # (z_p - m_p) - (z_q - m_q), reusing zs_q's storage
     out[_B] = _masked_dot(e_p, zs_q)
+
+
+def stats_from_sums(sums: Tensor, m: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
+    """Turn the TP-reduced partial sums into the outputs and the [7, T] stats the backward needs.
+
+    sums: [3, T] (rows S_p, A_p, Y_p) or [7, T] (plus S_q, A_q, Y_q, B), every sum taken relative to
+    the global maxima m: [1 or 2, T]. Returns ((logp, H_p) or (logp, logq, KL, H_p, H_q), stats) with
+    stats rows (m_p, logS_p, H_p, m_q, logS_q, H_q, KL) (q rows zero for a [3, T] input).
+    """
+    log_s_p = sums[_S_P].log()
+    logp = sums[_Y_P] - log_s_p
+    h_p = log_s_p - sums[_A_P] / sums[_S_P]
+    stats = torch.zeros((7, sums.shape[1]), dtype=sums.dtype, device=sums.device)
+    stats[0], stats[1], stats[2] = m[0], log_s_p, h_p
+    if sums.shape[0] == 3:
+        return (logp, h_p), stats
+    log_s_q = sums[_S_Q].log()
+    logq = sums[_Y_Q] - log_s_q
+    h_q = log_s_q - sums[_A_Q] / sums[_S_Q]
+    kl = log_s_q - log_s_p + sums[_B] / sums[_S_P]
+    stats[3], stats[4], stats[5], stats[6] = m[1], log_s_q, h_q, kl
+    return (logp, logq, kl, h_p, h_q), stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,22 +428,7 @@ class VocabParallelStats(torch.autograd.Function):
         if layout.tp_size > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=tp_group)  # collective 2: [3|7, T]
 
-        log_s_p = sums[_S_P].log()
-        logp = sums[_Y_P] - log_s_p
-        h_p = log_s_p - sums[_A_P] / sums[_S_P]
-        # stats rows: m_p, logS_p, H_p, m_q, logS_q, H_q, KL (q rows zero without logits_q)
-        stats = torch.zeros((7, num_tokens), dtype=gmax.dtype, device=logits_p.device)
-        stats[0], stats[1], stats[2] = m[0], log_s_p, h_p
-        if logits_q is None:
-            outputs: tuple[Tensor, ...] = (logp, h_p)
-        else:
-            log_s_q = sums[_S_Q].log()
-            logq = sums[_Y_Q] - log_s_q
-            h_q = log_s_q - sums[_A_Q] / sums[_S_Q]
-            kl = log_s_q - log_s_p + sums[_B] / sums[_S_P]
-            stats[3], stats[4], stats[5], stats[6] = m[1], log_s_q, h_q, kl
-            outputs = (logp, logq, kl, h_p, h_q)
-
+        outputs, stats = stats_from_sums(sums, m)
         ctx.save_for_backward(logits_p, logits_q, target, stats)
         ctx.layout, ctx.chunk = layout, chunk
         ctx.set_materialize_grads(False)

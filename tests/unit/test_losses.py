@@ -150,6 +150,7 @@ def test_gamma_schedule_scales_entropies_too():
 @pytest.mark.parametrize("field,value,match", [
     ("gamma", -0.1, "gamma"), ("clip_ratio_dual", 0.5, "clip_ratio_dual"), ("loss_agg", "sum", "loss_agg"),
     ("kl_prcp_mode", "exact", "kl_prcp_mode"), ("kl_prcp_clip", 0.0, "kl_prcp_clip"),
+    ("op_impl", "cuda", "op_impl"),
 ])
 def test_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):
