@@ -45,7 +45,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence,
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=120))
         result = fn(rank, world_size, *args)
-        out.put((rank, True, result))
+        out.put((rank, True, _to_bytes(result)))
     except BaseException:  # report everything, including assertion failures
         out.put((rank, False, traceback.format_exc()))
     finally:
@@ -57,6 +57,26 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence,
             except Exception:
                 pass
             dist.destroy_process_group()
+
+
+def _to_bytes(obj: Any) -> bytes:
+    """A result as bytes (torch.save): tensors then travel by value, not through shared memory
+    that disappears when the rank exits before the parent has read them."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
@@ -93,7 +113,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any]
                 if errors and not any(p.is_alive() for p in procs):
                     break
                 continue
-            (results if ok else errors)[rank] = payload
+            (results if ok else errors)[rank] = _from_bytes(payload) if ok else payload
             if errors:  # peers of a failed rank usually block in a collective: stop waiting
                 break
     finally:
