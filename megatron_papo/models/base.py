@@ -110,6 +110,34 @@ class VisionLanguageModel(MegatronModule):
         """Pipeline parallelism: the previous stage's output, handed to the language model."""
         raise NotImplementedError
 
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values from :meth:`preprocess_images` -> image features [N_img * tokens, H] (first stage)."""
+        raise NotImplementedError
+
+    def embed(self, input_ids: Tensor, position_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+        """First stage: text embeddings [S, B, H] with the image-token rows replaced by image features.
+
+        Without image tokens in ``input_ids`` the images are not encoded (pixel_values ignored).
+        """
+        text = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)  # [S, B, H]
+        placeholders = count_image_tokens(input_ids, self.image_token_id)
+        if placeholders == 0:
+            return text
+        if pixel_values is None:
+            raise ValueError(f"the text holds {placeholders} image-token positions "
+                             f"(id {self.image_token_id}) but pixel_values is None")
+        return scatter_image_features(text, input_ids, self.image_token_id, self.encode_images(pixel_values))
+
+    def lm_attention_mask(self, attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | None:
+        """The language model's bool mask (:func:`build_attention_mask`); an explicit causal one for
+        local specs (megatron's default one is made with device="cuda", which the CPU patches
+        cannot redirect while activations are recomputed in backward)."""
+        seq_len = input_ids.shape[1]
+        mask = build_attention_mask(attention_mask, seq_len)
+        if mask is None and getattr(self, "transformer_impl", "local") == "local":
+            mask = causal_attention_mask(seq_len, input_ids.device)
+        return mask
+
     # megatron-core's finalize_model_grads (pipeline parallel) asks the top module about tied
     # embeddings; the answer is the language model's (a subclass keeps it in `language_model`).
     @property

@@ -38,16 +38,12 @@ from torch import Tensor
 from megatron_papo.models.base import (
     VisionLanguageModel,
     _to_uint8_chw,
-    build_attention_mask,
-    causal_attention_mask,
     common_transformer_fields,
-    count_image_tokens,
     fp8_fields,
     make_transformer_config,
     model_parallel_sizes,
     pad_vocab_size,
     resolve_transformer_impl,
-    scatter_image_features,
     torch_dtype,
 )
 from megatron_papo.models.registry import register_model
@@ -362,17 +358,6 @@ class Qwen25VL(VisionLanguageModel):
         out = self.visual(flat, grid_thw=grid)
         return out.pooler_output if hasattr(out, "pooler_output") else out
 
-    def embed(self, input_ids: Tensor, position_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-        """First stage: text embeddings [S, B, H] with image-token rows replaced by image features."""
-        text = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
-        placeholders = count_image_tokens(input_ids, self.image_token_id)
-        if placeholders == 0:
-            return text
-        if pixel_values is None:
-            raise ValueError(f"the text holds {placeholders} image-token positions "
-                             f"(id {self.image_token_id}) but pixel_values is None")
-        return scatter_image_features(text, input_ids, self.image_token_id, self.encode_images(pixel_values))
-
     def rope_positions(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         """[B, S] 1-D positions -> Qwen2.5-VL's [3, B, S]; [3, B, S] positions are kept."""
         if position_ids.dim() == 3:
@@ -386,10 +371,7 @@ class Qwen25VL(VisionLanguageModel):
         """See :meth:`VisionLanguageModel.forward`."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
-        seq_len = input_ids.shape[1]
-        mask = build_attention_mask(attention_mask, seq_len)
-        if mask is None and self.transformer_impl == "local":
-            mask = causal_attention_mask(seq_len, input_ids.device)
+        mask = self.lm_attention_mask(attention_mask, input_ids)
         rope = self.rope_positions(input_ids, position_ids)
         decoder_input = self.embed(input_ids, rope[0], pixel_values) if self.pre_process else None
         return self.language_model(input_ids, rope, mask, decoder_input=decoder_input, **lm_kwargs)

@@ -42,10 +42,7 @@ from torch import Tensor
 from megatron_papo import mcore_compat
 from megatron_papo.models.base import (
     VisionLanguageModel,
-    build_attention_mask,
-    causal_attention_mask,
     common_transformer_fields,
-    count_image_tokens,
     fp8_fields,
     images_to_tensor,
     make_transformer_config,
@@ -53,7 +50,6 @@ from megatron_papo.models.base import (
     mrope_position_ids,
     pad_vocab_size,
     resolve_transformer_impl,
-    scatter_image_features,
     torch_dtype,
 )
 from megatron_papo.models.registry import register_model
@@ -291,32 +287,13 @@ class TinyVLM(VisionLanguageModel):
         features = self.vision_projection(patches)  # [N, P, H]
         return features.reshape(-1, features.shape[-1])
 
-    def embed(self, input_ids: Tensor, position_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-        """First stage: text embeddings [S, B, H] with the image-token rows replaced by image features.
-
-        Without image tokens in ``input_ids`` the images are not encoded (pixel_values ignored).
-        """
-        text = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)  # [S, B, H]
-        placeholders = count_image_tokens(input_ids, self.image_token_id)
-        if placeholders == 0:
-            return text
-        if pixel_values is None:
-            raise ValueError(f"the text holds {placeholders} image-token positions "
-                             f"(id {self.image_token_id}) but pixel_values is None")
-        return scatter_image_features(text, input_ids, self.image_token_id, self.encode_images(pixel_values))
-
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
                 pixel_values: Tensor | None = None, **lm_kwargs: Any) -> Tensor:
         """See :meth:`VisionLanguageModel.forward`: [B, S] ids -> [B, S, V_pad / tp] logits
         (last stage) or [S, B, H] hidden states (other stages)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
-        seq_len = input_ids.shape[1]
-        mask = build_attention_mask(attention_mask, seq_len)
-        if mask is None and self.transformer_impl == "local":
-            # an explicit causal mask: megatron's default one is made with device="cuda", which
-            # the CPU patches cannot redirect while activations are recomputed in backward
-            mask = causal_attention_mask(seq_len, input_ids.device)
+        mask = self.lm_attention_mask(attention_mask, input_ids)
         rope_positions = mrope_position_ids(position_ids)
         flat_positions = rope_positions[0]  # [B, S]; only the rope uses positions
         decoder_input = self.embed(input_ids, flat_positions, pixel_values) if self.pre_process else None
