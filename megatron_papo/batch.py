@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,10 +120,12 @@ def build_train_batch(input_ids: Tensor, attention_mask: Tensor, response_start:
                       masked_pixel_values=list(masked_pixel_values))
 
 
-def stack_pixels(per_row: Sequence[Tensor | None]) -> Tensor | None:
-    """Concatenate the rows' image tensors in row order: [sum n_img, C, H, W], or None if no image."""
-    parts = [p for p in per_row if p is not None]
-    return torch.cat(parts, dim=0) if parts else None
+def stack_pixels(per_row: Sequence[Any]) -> Any:
+    """Concatenate the rows' images in row order ([sum n_img, C, H, W] tensors, or the model's
+    own container, see ``models.base.concat_pixels``), or None if no image."""
+    from megatron_papo.models.base import concat_pixels
+
+    return concat_pixels(per_row)
 
 
 def micro_batch_dicts(batch: TrainBatch, micro_batch_size: int, *, masked_branch: bool = False,
@@ -154,7 +157,7 @@ def micro_batch_dicts(batch: TrainBatch, micro_batch_size: int, *, masked_branch
             for k in ("input_ids", "position_ids", "attention_mask"):
                 d[k] = torch.cat([d[k], d[k]], dim=0)
             masked = stack_pixels(mb.masked_pixel_values)
-            d["pixel_values"] = None if d["pixel_values"] is None else torch.cat([d["pixel_values"], masked])
+            d["pixel_values"] = stack_pixels([d["pixel_values"], masked])
         out.append(d)
     return out
 

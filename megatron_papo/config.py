@@ -85,8 +85,14 @@ class ModelConfig:
     recompute_activations: bool = False
     """Full activation recomputation in the transformer layers."""
     image_size: int | None = None
-    """Images are resized to image_size x image_size before the vision encoder (None = the
-    model's default: 64 for tiny_vlm, 448 for qwen2_5_vl, which needs a multiple of 28)."""
+    """Fixed resolution: images are resized to image_size x image_size before the vision encoder
+    (None = the model's default: 64 for tiny_vlm; dynamic resolution for qwen2_5_vl, where a
+    fixed size must be a multiple of 28)."""
+    min_pixels: int | None = None
+    """qwen2_5_vl dynamic resolution: smallest image area after resizing (None = 56*56)."""
+    max_pixels: int | None = None
+    """qwen2_5_vl dynamic resolution: largest image area after resizing (None = 28*28*1280, i.e.
+    at most 1280 image tokens per image)."""
     tokenizer: str = "auto"
     """auto: the model's own (tiny_vlm: the easy-VQA word tokenizer; qwen2_5_vl: the Hugging Face
     tokenizer in hf_path); easy_vqa: the project's easy-VQA word tokenizer; or a folder with a
@@ -538,6 +544,11 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
         if model.image_size is not None and (model.image_size < 28 or model.image_size % 28):
             raise ConfigError(f"model.image_size={model.image_size}: qwen2_5_vl needs a positive multiple of "
                               "28 (patch 14 x spatial merge 2)")
+    if model.image_size is not None and (model.min_pixels is not None or model.max_pixels is not None):
+        raise ConfigError("model.image_size (fixed resolution) and model.min_pixels/max_pixels (dynamic "
+                          "resolution) exclude each other; set one")
+    if model.min_pixels is not None and model.max_pixels is not None and model.min_pixels > model.max_pixels:
+        raise ConfigError(f"model.min_pixels={model.min_pixels} exceeds model.max_pixels={model.max_pixels}")
     if model.image_size is not None and model.image_size < 1:
         raise ConfigError(f"model.image_size: expected a positive integer, got {model.image_size}")
     if cfg.checkpoint.resume and not cfg.checkpoint.dir:

@@ -170,25 +170,27 @@ def _synthetic_images(seed: int) -> list[Any]:
 
 def parity_batch(model: Any, seed: int = 0) -> dict[str, Any]:
     """Two left-padded rows: row 0 text + one image + text; row 1 text + two images separated by
-    text (``vision_start`` / ``vision_end`` around each image). Returns input_ids, attention_mask
-    [B, S], position_ids [B, S], the images, pixel_values [N, P, D] and the HF inputs."""
+    text (``vision_start`` / ``vision_end`` around each image; three sizes, so with dynamic
+    resolution three different grids). Returns input_ids, attention_mask [B, S], position_ids
+    [B, S], the images, pixel_values (``QwenImages``) and the HF inputs."""
     a = model.arch
     rng = np.random.default_rng(seed)
     special = {a.image_token_id, a.vision_start_token_id, a.vision_end_token_id,
                getattr(a.hf_config, "video_token_id", None)}
     pool = np.array([i for i in range(min(a.vocab_size, 4096)) if i not in special])
-    n = model.tokens_per_image
+    images = _synthetic_images(seed)
+    counts = [model.num_image_tokens((im.height, im.width)) for im in images]
 
     def text(k: int) -> list[int]:
         return [int(x) for x in rng.choice(pool, k)]
 
-    def image() -> list[int]:
+    def image(n: int) -> list[int]:
         wrap = [a.vision_start_token_id] if a.vision_start_token_id is not None else []
         end = [a.vision_end_token_id] if a.vision_end_token_id is not None else []
         return wrap + [a.image_token_id] * n + end
 
-    rows = [text(6) + image() + text(9), text(3) + image() + text(4) + image() + text(2)]
-    images = _synthetic_images(seed)
+    rows = [text(6) + image(counts[0]) + text(9),
+            text(3) + image(counts[1]) + text(4) + image(counts[2]) + text(2)]
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -196,9 +198,8 @@ def parity_batch(model: Any, seed: int = 0) -> dict[str, Any]:
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = True
     pixels = model.preprocess_images(images)
-    grid = torch.tensor([[1, *model.patch_grid]] * len(images))
     hf_inputs = {"input_ids": ids, "attention_mask": mask.long(),
-                 "pixel_values": pixels.reshape(-1, pixels.shape[-1]), "image_grid_thw": grid,
+                 "pixel_values": pixels.pixel_values, "image_grid_thw": pixels.grid_thw,
                  "mm_token_type_ids": (ids == a.image_token_id).int()}
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,

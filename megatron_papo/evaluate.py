@@ -28,7 +28,7 @@ def _eval_dataset(parts: Any, cfg: PapoConfig) -> Any:
     if "eval_dataset" not in parts.extra:
         model = parts.model_chunks[0]
         parts.extra["eval_dataset"] = build_prompt_dataset(
-            cfg.data.eval, cfg.data, parts.tokenizer, model.num_image_tokens(model.image_size), role="eval")
+            cfg.data.eval, cfg.data, parts.tokenizer, model.num_image_tokens, role="eval")
     return parts.extra["eval_dataset"]
 
 

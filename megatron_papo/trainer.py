@@ -84,10 +84,9 @@ def pipeline_forward_fn(model_chunks: Sequence[torch.nn.Module], pg: ProcessGrou
 
     def _forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
                  images: list[list[Tensor]] | None) -> Tensor:
-        pixels = None
-        if images is not None:
-            parts = [t for row in images for t in row if t is not None]
-            pixels = torch.cat(parts) if parts else None
+        from megatron_papo.models.base import concat_pixels
+
+        pixels = None if images is None else concat_pixels([t for row in images for t in row])
         if pg.pp_size == 1:
             return chunk(input_ids, position_ids, attention_mask, pixels)
         mb = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
@@ -164,7 +163,7 @@ def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
         for m in ref:
             m.requires_grad_(False)
     model = chunks[0]
-    dataset = build_prompt_dataset(cfg.data.train, cfg.data, tok, model.num_image_tokens(model.image_size),
+    dataset = build_prompt_dataset(cfg.data.train, cfg.data, tok, model.num_image_tokens,
                                    role="train")
     sft_idx, rl_idx = _split_sft(len(dataset), cfg)
     sampler = PromptSampler(len(rl_idx), cfg.rollout.prompts_per_step, seed=cfg.train.seed,

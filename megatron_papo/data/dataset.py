@@ -11,6 +11,7 @@ counted by reason in `SkipStats`, and the first few are named in the log (logger
 - ``image_not_found``  an image path that is not a file
 - ``corrupt_image``    an image PIL cannot open (``image_check="decode"``: cannot fully decode)
 - ``prompt_too_long``  the prompt, image tokens included, exceeds ``max_prompt_length``
+- ``unsupported_image`` the model cannot take the image's size (e.g. Qwen2.5-VL: aspect ratio > 200)
 
 If every row is bad (or there are none) a `DataError` with the counts is raised at build time.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("megatron_papo.data")
 
 SKIP_REASONS = ("malformed_row", "missing_question", "missing_answer", "missing_image",
-                "image_not_found", "corrupt_image", "prompt_too_long")
+                "image_not_found", "corrupt_image", "prompt_too_long", "unsupported_image")
 
 
 @dataclass
@@ -154,7 +155,7 @@ class PromptDataset:
         tokenizer: Tokenizer,
         template: str | PromptTemplate = "think_boxed",
         max_prompt_length: int = 512,
-        num_image_tokens: int = 1,
+        num_image_tokens: int | Callable[[tuple[int, int]], int] = 1,
         *,
         add_bos: bool = False,
         image_check: ImageCheck = "decode",
@@ -166,13 +167,15 @@ class PromptDataset:
             tokenizer: any `Tokenizer`.
             template: a registered template name or a `PromptTemplate`.
             max_prompt_length: longest prompt kept, image tokens included.
-            num_image_tokens: visual tokens per image (the model reports it).
+            num_image_tokens: visual tokens per image: a number, or the model's
+                ``num_image_tokens((height, width))`` when it depends on the image size
+                (Qwen2.5-VL's dynamic resolution).
             add_bos: start prompts with the tokenizer's bos (when it has one).
             image_check: "decode" fully decodes every distinct image at build time (catches
                 truncated files); "header" only opens it (fast, for large image sets).
             log_first: how many skipped rows are named in the log.
         """
-        if num_image_tokens < 1:
+        if not callable(num_image_tokens) and num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
         if image_check not in IMAGE_CHECKS:
             raise ValueError(f"image_check must be one of {sorted(IMAGE_CHECKS)}, got {image_check!r}")
@@ -184,8 +187,8 @@ class PromptDataset:
         self.log_first = log_first
         self.stats = SkipStats()
         self._check_image = IMAGE_CHECKS[image_check]
-        self._image_ok: dict[Path, _Skip | None] = {}
-        self._length_cache: dict[tuple[str, int], int] = {}
+        self._image_ok: dict[Path, tuple[_Skip | None, tuple[int, int]]] = {}
+        self._length_cache: dict[tuple[str, tuple[int, ...]], int] = {}
         self._entries: list[_Entry] = self._index(rows)
 
     # ----------------------------------------------------------------- build
@@ -209,37 +212,51 @@ class PromptDataset:
         question = _text_field(row.question, "missing_question")
         answer = _text_field(row.answer, "missing_answer")
         images = _images_of(row)
-        for ref in images:
-            self._probe(ref)
-        length = self._prompt_length(question, len(images))
+        sizes = [self._probe(ref) for ref in images]
+        try:
+            counts = [self._tokens_of(hw) for hw in sizes]
+        except ValueError as e:
+            raise _Skip("unsupported_image", str(e)) from None
+        length = self._prompt_length(question, counts)
         if length > self.max_prompt_length:
             raise _Skip("prompt_too_long", f"{length} tokens > max_prompt_length {self.max_prompt_length}")
         return _Entry(row.where, question, answer, images)
 
-    def _probe(self, ref: ImageRef) -> None:
-        """Check an image once per distinct path (bytes are checked every time)."""
+    def _probe(self, ref: ImageRef) -> tuple[int, int]:
+        """Check an image once per distinct path (bytes are checked every time); its (height, width)."""
         if isinstance(ref, Path) and ref in self._image_ok:
-            failure = self._image_ok[ref]
+            failure, hw = self._image_ok[ref]
         else:
+            hw = (0, 0)
             try:
-                self._check_image(ref)
+                checked = self._check_image(ref)
+                hw = (checked.height, checked.width) if hasattr(checked, "height") else tuple(checked)
                 failure = None
             except Exception as e:  # PIL raises many types for a bad image
                 failure = _image_failure(ref, e)
             if isinstance(ref, Path):
-                self._image_ok[ref] = failure
+                self._image_ok[ref] = (failure, hw)
         if failure is not None:
             raise failure
+        return hw
 
-    def _prompt_length(self, question: str, num_images: int) -> int:
-        key = (question, num_images)
+    def _tokens_of(self, hw: tuple[int, int]) -> int:
+        """Image-token placeholders of one image of size ``hw``."""
+        n = self.num_image_tokens(hw) if callable(self.num_image_tokens) else self.num_image_tokens
+        if n < 1:
+            raise ValueError(f"num_image_tokens{hw} must be >= 1, got {n}")
+        return n
+
+    def _prompt_length(self, question: str, counts: list[int]) -> int:
+        key = (question, tuple(counts))
         if key not in self._length_cache:
-            self._length_cache[key] = len(self._encode(question, num_images))
+            self._length_cache[key] = len(self._encode(question, counts))
         return self._length_cache[key]
 
-    def _encode(self, question: str, num_images: int) -> list[int]:
-        parts = self.template.parts(question, num_images)
-        return encode_prompt(self.tokenizer, parts, self.num_image_tokens, bos=self.add_bos)
+    def _encode(self, question: str, counts: list[int]) -> list[int]:
+        """Prompt ids; image slot i becomes ``counts[i]`` image tokens."""
+        parts = self.template.parts(question, len(counts))
+        return encode_prompt(self.tokenizer, parts, counts, bos=self.add_bos)
 
     def _record(self, skip: _Skip, where: str) -> None:
         if self.stats.record(skip.reason, where, skip.detail, self.log_first):
@@ -280,7 +297,8 @@ class PromptDataset:
         raise DataError(f"no image of the dataset could be read any more: {self.stats.summary()}")
 
     def _sample(self, entry: _Entry, images: list[Any], index: int) -> Sample:
-        return Sample(prompt_ids=self._encode(entry.question, len(images)), images=images,
+        counts = [self._tokens_of((image.height, image.width)) for image in images]
+        return Sample(prompt_ids=self._encode(entry.question, counts), images=images,
                       answer=entry.answer, question=entry.question, source=entry.where, index=index)
 
     def prompt_text(self, index: int) -> str:
@@ -300,7 +318,7 @@ def build_prompt_dataset(
     source: str,
     cfg: DataConfig,
     tokenizer: Tokenizer,
-    num_image_tokens: int,
+    num_image_tokens: int | Callable[[tuple[int, int]], int],
     *,
     role: Role = "train",
     **kwargs: Any,

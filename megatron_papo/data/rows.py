@@ -252,14 +252,15 @@ def open_image(ref: ImageRef) -> Any:
         return image.convert("RGB")
 
 
-def probe_image(ref: ImageRef) -> None:
-    """Check that an image can be opened from its header alone (fast; no decoding)."""
+def probe_image(ref: ImageRef) -> tuple[int, int]:
+    """Check that an image can be opened from its header alone (fast; no decoding); its (height, width)."""
     from PIL import Image
 
     handle: Any = io.BytesIO(ref) if isinstance(ref, bytes) else ref
     with Image.open(handle) as image:
         if image.width < 1 or image.height < 1:
             raise ValueError(f"empty image {image.size}")
+        return image.height, image.width
 
 
 ImageCheck = Literal["decode", "header"]

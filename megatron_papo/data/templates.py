@@ -72,16 +72,21 @@ def _split_images(text: str) -> list[PromptPart]:
     return parts
 
 
-def encode_prompt(tokenizer: Tokenizer, parts: Sequence[PromptPart], num_image_tokens: int,
+def encode_prompt(tokenizer: Tokenizer, parts: Sequence[PromptPart], num_image_tokens: int | Sequence[int],
                   bos: bool = False) -> list[int]:
-    """Token ids of a rendered prompt; each image slot becomes ``num_image_tokens`` image ids."""
-    if num_image_tokens < 1:
-        raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+    """Token ids of a rendered prompt; image slot i becomes ``num_image_tokens`` image ids (one
+    number for every image, or one per image slot index)."""
+    slots = [p.index for p in parts if isinstance(p, ImageSlot)]
+    counts = ([num_image_tokens] * (max(slots, default=-1) + 1) if isinstance(num_image_tokens, int)
+              else list(num_image_tokens))
+    if any(c < 1 for c in counts) or (slots and max(slots) >= len(counts)):
+        raise ValueError(f"num_image_tokens must give >= 1 tokens for each of the {len(slots)} images, "
+                         f"got {num_image_tokens}")
     ids = [tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []
     for part in parts:
         if isinstance(part, ImageSlot):  # HF tokenizers wrap an image (Qwen: <|vision_start|> ...)
             ids.extend(getattr(tokenizer, "image_prefix_ids", ()))
-            ids.extend([tokenizer.image_token_id] * num_image_tokens)
+            ids.extend([tokenizer.image_token_id] * counts[part.index])
             ids.extend(getattr(tokenizer, "image_suffix_ids", ()))
         else:
             ids.extend(tokenizer.encode(part))

@@ -40,6 +40,7 @@ __all__ = [
     "VisionLanguageModel",
     "build_attention_mask",
     "causal_attention_mask",
+    "concat_pixels",
     "count_image_tokens",
     "images_to_tensor",
     "mrope_position_ids",
@@ -279,6 +280,25 @@ def mrope_position_ids(position_ids: Tensor) -> Tensor:
     if position_ids.dim() == 3 and position_ids.shape[0] == 3:
         return position_ids
     raise ValueError(f"position_ids must be [B, S] or [3, B, S], got shape {tuple(position_ids.shape)}")
+
+
+def concat_pixels(parts: Sequence[Any]) -> Any:
+    """Several batches' ``preprocess_images`` outputs as one, in order (None when empty).
+
+    Tensors ([N, ...]) are concatenated along dim 0; a model-specific container (e.g. Qwen2.5-VL's
+    :class:`~megatron_papo.models.qwen2_5_vl.QwenImages`, which carries each image's grid) through
+    its ``concat`` classmethod.
+    """
+    items = [p for p in parts if p is not None]
+    if not items:
+        return None
+    if all(isinstance(p, Tensor) for p in items):
+        return torch.cat(items, dim=0)
+    kind = type(items[0])
+    if not hasattr(kind, "concat") or any(type(p) is not kind for p in items):
+        kinds = sorted({type(p).__name__ for p in items})
+        raise TypeError(f"cannot concatenate pixel batches of types {kinds}")
+    return kind.concat(items)
 
 
 def count_image_tokens(input_ids: Tensor, image_token_id: int) -> int:

@@ -12,11 +12,13 @@ multimodal rope: the 3-D positions Qwen2.5-VL uses are computed from the token l
 t = start, h = start + row, w = start + column; the text after an image continues at
 start + max(rows, columns)).
 
-**Fixed resolution.** Every image is resized to ``image_size x image_size`` (a multiple of
-patch_size * spatial_merge_size = 28) before the transformers Qwen2.5-VL image processor
-(``Qwen2VLImageProcessorPil``, built locally, no download) cuts it into patches, so every image
-takes ``(image_size / 28)^2`` tokens and the masked-image branch of PAPO has exactly the same
-token layout as the original. The architecture is read from a Hugging Face folder
+**Images** go through the transformers Qwen2.5-VL image processor (``Qwen2VLImageProcessorPil``,
+built locally, no download). Dynamic resolution by default (Qwen's own: each image keeps its
+aspect ratio, its area is brought into [min_pixels, max_pixels] with sides multiple of 28, and it
+takes area / 28^2 tokens), or a fixed square ``image_size``. ``preprocess_images`` returns
+:class:`QwenImages` (patches + per-image grids); the grids travel with the pixels to every
+pipeline stage (the 3-D positions need them). PAPO's masked image has the original's size, hence
+the same grid, token ids and positions. The architecture is read from a Hugging Face folder
 (``config.json``; ``model.hf_path``), weights come from conversion
 (:mod:`megatron_papo.models.hf_qwen2_5_vl`).
 """
@@ -53,6 +55,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "Qwen25VL",
     "Qwen25VLArch",
+    "QwenImages",
     "UnsupportedArchitectureError",
     "build_qwen2_5_vl",
     "load_hf_config",
@@ -180,37 +183,83 @@ class Qwen25VLArch:
 # 3-D multimodal rope positions
 # ---------------------------------------------------------------------------------------------
 def qwen_mrope_positions(input_ids: Tensor, position_ids: Tensor, image_token_id: int,
-                         grid_hw: tuple[int, int]) -> Tensor:
-    """Qwen2.5-VL's 3-D rope positions from 1-D ones (no host sync).
+                         grids: Tensor | tuple[int, int]) -> Tensor:
+    """Qwen2.5-VL's 3-D rope positions from 1-D ones.
 
     Args:
-        input_ids: [B, S]; each image is a run of ``gh * gw`` consecutive ``image_token_id``
-            (images of one row may follow each other directly).
+        input_ids: [B, S]; image k is a run of ``gh_k * gw_k`` consecutive ``image_token_id``
+            (images numbered in row-major [B, S] order; one row's images may follow each other).
         position_ids: [B, S] 1-D positions, consecutive over a row's real tokens (padding anywhere).
         image_token_id: the placeholder id.
-        grid_hw: (gh, gw) merged-token grid of every image.
+        grids: [N_img, 2] merged-token grids (gh_k, gw_k), or one (gh, gw) for every image.
     Returns:
-        [3, B, S] int64 (temporal, height, width). Text tokens: all three = p + shift, where
-        shift = (images before the token) * (max(gh, gw) - gh * gw); the k-th token of an image
-        starting at 1-D position p0: (p0', p0' + k // gw, p0' + k % gw), p0' = p0 + shift.
+        [3, B, S] int64 (temporal, height, width). The k-th image's j-th token, the image starting
+        at 1-D position p0: (p0', p0' + j // gw_k, p0' + j % gw_k), p0' = p0 + shift; text tokens:
+        all three = p + shift; shift = sum over the row's earlier images of max(gh, gw) - gh * gw.
+        One host sync (the image-token count) when there are images.
     """
-    gh, gw = grid_hw
-    n = gh * gw
-    is_img = input_ids == image_token_id  # [B, S]
-    seen = torch.cumsum(is_img.long(), dim=1)  # image tokens up to and including this one
     pos = position_ids.long()
-    step = max(gh, gw) - n
-    # text: every image before it is complete -> seen // n images
-    text_shift = (seen // n) * step
-    # image token: index within the row's image tokens, within its image
-    idx = (seen - 1).clamp_min(0)
-    k, within = idx // n, idx % n
-    p0 = pos - within + k * step
-    rows, cols = within // gw, within % gw
-    t = torch.where(is_img, p0, pos + text_shift)
-    h = torch.where(is_img, p0 + rows, pos + text_shift)
-    w = torch.where(is_img, p0 + cols, pos + text_shift)
-    return torch.stack([t, h, w])
+    is_img = input_ids == image_token_id  # [B, S]
+    flat_img = is_img.reshape(-1).nonzero().squeeze(1)  # image-token positions, row-major
+    if flat_img.numel() == 0:
+        return pos.unsqueeze(0).expand(3, -1, -1).clone()
+    device = pos.device
+    if isinstance(grids, tuple):
+        per = grids[0] * grids[1]
+        if flat_img.numel() % per:
+            raise ValueError(f"{flat_img.numel()} image tokens are not a whole number of {per}-token images")
+        grids = torch.tensor([grids] * (flat_img.numel() // per), device=device)
+    grids = grids.to(device=device, dtype=torch.long)
+    sizes = grids[:, 0] * grids[:, 1]  # [N] tokens per image
+    ends = torch.cumsum(sizes, 0)  # [N] exclusive end ordinal of each image
+    ordinal = torch.arange(flat_img.numel(), device=device)
+    image_of = torch.searchsorted(ends, ordinal, right=True).clamp_max(len(sizes) - 1)  # [T_img]
+    within = ordinal - (ends[image_of] - sizes[image_of])
+    if int(ends[-1]) != flat_img.numel():
+        raise ValueError(f"the text holds {flat_img.numel()} image tokens but the images' grids give "
+                         f"{int(ends[-1])}")
+    delta = torch.maximum(grids[:, 0], grids[:, 1]) - sizes  # [N] position shift after image k
+    # the shift of image k lands on the token after its last one: exclusive cumsum per row
+    delta_at = torch.zeros(pos.numel(), dtype=torch.long, device=device)
+    last = within == sizes[image_of] - 1
+    delta_at[flat_img[last]] = delta[image_of[last]]
+    delta_at = delta_at.view_as(pos)
+    shift = torch.cumsum(delta_at, dim=1) - delta_at  # [B, S]
+    base = (pos + shift).reshape(-1)
+    t, h, w = base.clone(), base.clone(), base.clone()
+    gw = grids[image_of, 1]
+    p0 = base[flat_img] - within
+    t[flat_img] = p0
+    h[flat_img] = p0 + within // gw
+    w[flat_img] = p0 + within % gw
+    return torch.stack([t, h, w]).view(3, *pos.shape)
+
+
+@dataclass(frozen=True)
+class QwenImages:
+    """A batch of preprocessed images for :class:`Qwen25VL` (what ``preprocess_images`` returns):
+    patches of all images concatenated, as transformers' Qwen2.5-VL takes them, and their grids."""
+
+    pixel_values: Tensor
+    """[sum_k t_k * h_k * w_k, 3 * temporal_patch * patch^2] float32."""
+    grid_thw: Tensor
+    """[N, 3] int64 patch grid (t, h, w) of each image (before the 2x2 merge)."""
+
+    def __len__(self) -> int:
+        return int(self.grid_thw.shape[0])
+
+    @classmethod
+    def concat(cls, items: Sequence[QwenImages]) -> QwenImages:
+        """Images of several batches, in order."""
+        return cls(torch.cat([i.pixel_values for i in items]), torch.cat([i.grid_thw for i in items]))
+
+    def token_grids(self, merge: int) -> Tensor:
+        """[N, 2] merged-token grids (h / merge, w / merge)."""
+        return self.grid_thw[:, 1:] // merge
+
+    def num_tokens(self, merge: int) -> int:
+        """Image-token placeholders all images need."""
+        return int((self.grid_thw.prod(-1) // (merge * merge)).sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,14 +290,29 @@ def build_vision_tower(a: Qwen25VLArch) -> torch.nn.Module:
     return Qwen2_5_VisionTransformerPretrainedModel(vision_config)
 
 
-def build_image_processor(a: Qwen25VLArch, image_size: int) -> Any:
-    """The transformers Qwen2-VL image processor (PIL backend: torchvision has no CPU build),
-    pinned to one resolution (min_pixels = max_pixels = image_size^2)."""
+DEFAULT_MIN_PIXELS = 56 * 56
+"""Smallest image area (pixels) in dynamic-resolution mode (the Qwen2-VL processor's default)."""
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+"""Largest image area in dynamic-resolution mode: at most 1280 image tokens per image."""
+
+
+def build_image_processor(a: Qwen25VLArch, min_pixels: int, max_pixels: int) -> Any:
+    """The transformers Qwen2-VL image processor (PIL backend: torchvision has no CPU build)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    pixels = image_size * image_size
     return Qwen2VLImageProcessorPil(patch_size=a.patch_size, temporal_patch_size=a.temporal_patch_size,
-                                    merge_size=a.spatial_merge_size, min_pixels=pixels, max_pixels=pixels)
+                                    merge_size=a.spatial_merge_size, min_pixels=min_pixels,
+                                    max_pixels=max_pixels)
+
+
+def _to_pil(image: Any) -> Any:
+    """PIL image (any mode) / CHW tensor / HWC array -> RGB PIL image."""
+    from PIL import Image
+
+    chw = _to_uint8_chw(image)
+    if chw.is_floating_point():
+        chw = (chw.clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(np.ascontiguousarray(chw.permute(1, 2, 0).numpy()), "RGB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,9 +321,15 @@ def build_image_processor(a: Qwen25VLArch, image_size: int) -> Any:
 class Qwen25VL(VisionLanguageModel):
     """Qwen2.5-VL: ``visual`` (transformers vision tower, first stage only, replicated over TP)
     and ``language_model`` (megatron-core GPTModel). State-dict keys: ``visual.*`` exactly as
-    Hugging Face names them, ``language_model.*`` megatron-core's."""
+    Hugging Face names them, ``language_model.*`` megatron-core's.
 
-    def __init__(self, arch: Qwen25VLArch, *, image_size: int = 448, seq_length: int = 4096,
+    Images: dynamic resolution (``image_size=None``: each image keeps its aspect ratio, resized by
+    the processor so that its area lies in [min_pixels, max_pixels] and its sides are multiples
+    of 28; tokens = area / 28^2), or a fixed ``image_size`` (every image resized to a square).
+    """
+
+    def __init__(self, arch: Qwen25VLArch, *, image_size: int | None = None, min_pixels: int | None = None,
+                 max_pixels: int | None = None, seq_length: int = 4096,
                  precision: str = "bf16", fp8: str = "none", transformer_impl: str = "auto",
                  recompute_activations: bool = False, make_vocab_size_divisible_by: int = 128,
                  pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
@@ -268,9 +338,20 @@ class Qwen25VL(VisionLanguageModel):
         if vpp is not None and vp_stage is None:
             raise ValueError(f"the pipeline is interleaved ({vpp} virtual stages per rank): pass vp_stage")
         arch.check_parallel(tp, pp)
-        if image_size < arch.image_factor or image_size % arch.image_factor:
-            raise ValueError(f"model.image_size={image_size} must be a positive multiple of patch_size * "
-                             f"spatial_merge_size = {arch.image_factor}")
+        factor = arch.image_factor
+        if image_size is not None:
+            if image_size < factor or image_size % factor:
+                raise ValueError(f"model.image_size={image_size} must be a positive multiple of patch_size * "
+                                 f"spatial_merge_size = {factor}")
+            if min_pixels is not None or max_pixels is not None:
+                raise ValueError("model.image_size (fixed resolution) and model.min_pixels/max_pixels "
+                                 "(dynamic resolution) exclude each other")
+            min_pixels = max_pixels = image_size * image_size
+        min_pixels = DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels
+        max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        if not factor * factor <= min_pixels <= max_pixels:
+            raise ValueError(f"need {factor * factor} <= model.min_pixels <= model.max_pixels, got "
+                             f"{min_pixels}, {max_pixels}")
         impl = resolve_transformer_impl(transformer_impl)
         lm_config = qwen_language_config(arch, tp=tp, pp=pp, vpp=vpp if vp_stage is not None else None,
                                          impl=impl, precision=precision, fp8=fp8,
@@ -281,10 +362,8 @@ class Qwen25VL(VisionLanguageModel):
         self.vocab_size = arch.vocab_size
         self.padded_vocab_size = pad_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp)
         self.image_token_id = arch.image_token_id
-        self.image_size = (image_size, image_size)
-        grid = image_size // arch.patch_size
-        self.patch_grid = (grid, grid)
-        self.token_grid = (grid // arch.spatial_merge_size, grid // arch.spatial_merge_size)
+        self.image_size = None if image_size is None else (image_size, image_size)
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.pre_process, self.post_process = pre_process, post_process
         self._image_processor = None
         with torch.random.fork_rng(devices=[]):
@@ -299,80 +378,90 @@ class Qwen25VL(VisionLanguageModel):
         self.to(torch_dtype(precision))
 
     # --- interface -------------------------------------------------------------------------
-    @property
-    def tokens_per_image(self) -> int:
-        return self.token_grid[0] * self.token_grid[1]
-
-    def num_image_tokens(self, image_hw: tuple[int, int]) -> int:
-        """(image_size / 28)^2 for any input size: every image is resized to image_size first."""
+    def resized_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) the processor resizes an image of ``image_hw`` to."""
         if len(image_hw) != 2 or min(image_hw) < 1:
             raise ValueError(f"image_hw must be a positive (height, width), got {image_hw!r}")
-        return self.tokens_per_image
+        if self.image_size is not None:
+            return self.image_size
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        return smart_resize(image_hw[0], image_hw[1], factor=self.arch.image_factor,
+                            min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+    def num_image_tokens(self, image_hw: tuple[int, int]) -> int:
+        """Image-token placeholders of one image of (height, width) ``image_hw``: resized area / 28^2.
+
+        Raises ValueError for an aspect ratio above 200 (the processor cannot take it).
+        """
+        h, w = self.resized_hw(image_hw)
+        return (h // self.arch.image_factor) * (w // self.arch.image_factor)
 
     @property
     def image_processor(self) -> Any:
         if self._image_processor is None:
-            self._image_processor = build_image_processor(self.arch, self.image_size[0])
+            self._image_processor = build_image_processor(self.arch, self.min_pixels, self.max_pixels)
         return self._image_processor
 
-    def preprocess_images(self, images: Sequence[Any]) -> Tensor:
-        """PIL images / CHW tensors / HWC arrays -> [N, P, 3 * temporal_patch * patch^2] float32
-        patches (P = (image_size / patch)^2), through the transformers Qwen2-VL image processor."""
+    def preprocess_images(self, images: Sequence[Any]) -> QwenImages:
+        """PIL images / CHW tensors / HWC arrays -> :class:`QwenImages` (patches of every image and
+        their grids), through the transformers Qwen2-VL image processor. A fixed ``image_size``
+        squares each image first (bicubic); dynamic resolution keeps the aspect ratio."""
         patch_dim = 3 * self.arch.temporal_patch_size * self.arch.patch_size ** 2
-        num_patches = self.patch_grid[0] * self.patch_grid[1]
         if len(images) == 0:
-            return torch.empty(0, num_patches, patch_dim)
+            return QwenImages(torch.empty(0, patch_dim), torch.empty(0, 3, dtype=torch.long))
         from PIL import Image
 
-        side = self.image_size[0]
-        pil = []
-        for image in images:
-            chw = _to_uint8_chw(image)
-            if chw.is_floating_point():
-                chw = (chw.clamp(0, 1) * 255).round().to(torch.uint8)
-            array = np.ascontiguousarray(chw.permute(1, 2, 0).numpy())
-            pil.append(Image.fromarray(array, "RGB").resize((side, side), Image.Resampling.BICUBIC))
+        pil = [_to_pil(image) for image in images]
+        if self.image_size is not None:
+            side = self.image_size[0]
+            pil = [p.resize((side, side), Image.Resampling.BICUBIC) for p in pil]
         out = self.image_processor(images=pil, return_tensors="pt")
-        grid = out["image_grid_thw"]
-        expected = torch.tensor([1, *self.patch_grid])
-        if not bool((grid == expected).all()):
-            raise RuntimeError(f"the image processor produced grids {grid.tolist()}, "
-                               f"expected {expected.tolist()}")
-        return out["pixel_values"].float().reshape(len(images), num_patches, patch_dim)
+        grid = out["image_grid_thw"].long()
+        patch = self.arch.patch_size
+        expected = [(1, *(s // patch for s in self.resized_hw((p.height, p.width)))) for p in pil]
+        if [tuple(g) for g in grid.tolist()] != expected:
+            raise RuntimeError(f"the image processor produced grids {grid.tolist()}, expected {expected}")
+        return QwenImages(out["pixel_values"].float(), grid)
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
-    def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """pixel_values [N, P, D] -> image features [N * tokens_per_image, H]."""
+    def encode_images(self, pixel_values: QwenImages) -> Tensor:
+        """:class:`QwenImages` -> image features [sum_k tokens_k, H] (images in order)."""
         if self.visual is None:
             raise RuntimeError("the vision tower lives on the first pipeline stage only")
-        num_patches = self.patch_grid[0] * self.patch_grid[1]
-        if pixel_values.dim() != 3 or pixel_values.shape[1] != num_patches:
-            raise ValueError(f"pixel_values must be [N, {num_patches}, D] (use preprocess_images), "
-                             f"got {tuple(pixel_values.shape)}")
-        n = pixel_values.shape[0]
+        if not isinstance(pixel_values, QwenImages):
+            raise TypeError(f"pixel_values must be QwenImages (use preprocess_images), got "
+                            f"{type(pixel_values).__name__}")
         weight = self.visual.patch_embed.proj.weight
-        grid = torch.tensor([[1, *self.patch_grid]] * n, dtype=torch.long, device=weight.device)
-        flat = pixel_values.reshape(n * num_patches, -1).to(device=weight.device, dtype=weight.dtype)
-        out = self.visual(flat, grid_thw=grid)
+        grid = pixel_values.grid_thw.to(weight.device)
+        values = pixel_values.pixel_values.to(device=weight.device, dtype=weight.dtype)
+        out = self.visual(values, grid_thw=grid)
         return out.pooler_output if hasattr(out, "pooler_output") else out
 
-    def rope_positions(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        """[B, S] 1-D positions -> Qwen2.5-VL's [3, B, S]; [3, B, S] positions are kept."""
+    def rope_positions(self, input_ids: Tensor, position_ids: Tensor, images: QwenImages | None) -> Tensor:
+        """[B, S] 1-D positions -> Qwen2.5-VL's [3, B, S] (needs the images' grids when the text
+        holds image tokens); [3, B, S] positions are kept."""
         if position_ids.dim() == 3:
             return position_ids
         if position_ids.dim() != 2:
             raise ValueError(f"position_ids must be [B, S] or [3, B, S], got {tuple(position_ids.shape)}")
-        return qwen_mrope_positions(input_ids, position_ids, self.image_token_id, self.token_grid)
+        merge = self.arch.spatial_merge_size
+        grids = (torch.empty(0, 2, dtype=torch.long) if images is None
+                 else images.token_grids(merge))
+        if images is None and bool((input_ids == self.image_token_id).any()):
+            raise ValueError(f"the text holds image tokens (id {self.image_token_id}) but pixel_values is "
+                             "None: every pipeline stage needs the images' grids for the 3-D positions")
+        return qwen_mrope_positions(input_ids, position_ids, self.image_token_id, grids)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
-                pixel_values: Tensor | None = None, **lm_kwargs: Any) -> Tensor:
-        """See :meth:`VisionLanguageModel.forward`."""
+                pixel_values: QwenImages | None = None, **lm_kwargs: Any) -> Tensor:
+        """See :meth:`VisionLanguageModel.forward`; ``pixel_values`` is a :class:`QwenImages`."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
         mask = self.lm_attention_mask(attention_mask, input_ids)
-        rope = self.rope_positions(input_ids, position_ids)
+        rope = self.rope_positions(input_ids, position_ids, pixel_values)
         decoder_input = self.embed(input_ids, rope[0], pixel_values) if self.pre_process else None
         return self.language_model(input_ids, rope, mask, decoder_input=decoder_input, **lm_kwargs)
 
@@ -392,11 +481,6 @@ class Qwen25VL(VisionLanguageModel):
                 out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
                                                       tp_group=parallel_state.get_tensor_model_parallel_group()))
         return out
-
-
-def _image_size(cfg: Any, arch: Qwen25VLArch) -> int:
-    size = getattr(cfg, "image_size", None)
-    return int(size) if size else 16 * arch.image_factor
 
 
 def _check_overrides(cfg: Any, arch: Qwen25VLArch) -> None:
@@ -428,7 +512,9 @@ def build_qwen2_5_vl(cfg: Any, *, vocab_size: int, image_token_id: int, pre_proc
     if image_token_id != arch.image_token_id:
         raise ValueError(f"the tokenizer's image token id {image_token_id} differs from "
                          f"{cfg.hf_path}/config.json image_token_id {arch.image_token_id}")
-    model = Qwen25VL(arch, image_size=_image_size(cfg, arch), seq_length=cfg.seq_length,
+    model = Qwen25VL(arch, image_size=getattr(cfg, "image_size", None),
+                     min_pixels=getattr(cfg, "min_pixels", None), max_pixels=getattr(cfg, "max_pixels", None),
+                     seq_length=cfg.seq_length,
                      precision=cfg.precision, fp8=cfg.fp8, transformer_impl=cfg.transformer_impl,
                      recompute_activations=cfg.recompute_activations,
                      make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,

@@ -380,3 +380,28 @@ def test_left_and_right_pad_and_positions():
     assert build_position_ids(left.mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
     with pytest.raises(ValueError, match="shorter"):
         right_pad(seqs, 0, length=2)
+
+
+def test_image_tokens_can_depend_on_the_image_size(tok):
+    """A model with dynamic resolution (Qwen2.5-VL) gives each image its own token count; the
+    prompt, the length filter and the images all agree; a size the model refuses is skipped."""
+    def tokens(hw):
+        if max(hw) / min(hw) > 10:
+            raise ValueError(f"aspect ratio of {hw} too large")
+        return hw[0] * hw[1] // 16
+
+    rows = [RawRow(source="mem", row=0, question="what <image> and <image>?", answer="circle",
+                   image=[_png_bytes(size=(8, 8)), _png_bytes(size=(16, 8))]),  # PIL size = (w, h)
+            RawRow(source="mem", row=1, question="what is it?", answer="circle",
+                   image=[_png_bytes(size=(200, 4))]),
+            RawRow(source="mem", row=2, question="what is it?", answer="circle",
+                   image=[_png_bytes(size=(40, 40))])]
+    for check in ("decode", "header"):
+        ds = PromptDataset(rows, tok, "plain", 60, num_image_tokens=tokens, image_check=check)
+        assert len(ds) == 1 and ds.stats.counts == {"unsupported_image": 1, "prompt_too_long": 1}
+        sample = ds[0]
+        ids = sample.prompt_ids
+        runs = [len(run) for run in "".join("i" if t == tok.image_token_id else " " for t in ids).split()]
+        assert runs == [4, 8] and [im.size for im in sample.images] == [(8, 8), (16, 8)]
+    with pytest.raises(ValueError, match="each of the 2 images"):
+        encode_prompt(tok, get_template("plain").parts("a <image> b <image>", 2), [3])
