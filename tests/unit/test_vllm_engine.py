@@ -47,7 +47,8 @@ class FakeBackend:
     def __init__(self, reply=None):
         self.calls = []
         self.reply = reply
-        self.loaded = {}
+        self.loaded = {}  # the latest tensor of each name
+        self.load_counts = {}
         self.alive_refs = []  # weakrefs to the tensors of earlier buckets
         self.max_alive_bytes = 0
 
@@ -73,7 +74,7 @@ class FakeBackend:
         self.max_alive_bytes = max(self.max_alive_bytes, held)
         self.calls.append(("load_weights", len(weights), now, len(alive)))
         for name, t in weights:
-            assert name not in self.loaded, f"{name} loaded twice"
+            self.load_counts[name] = self.load_counts.get(name, 0) + 1
             self.loaded[name] = t.clone()
             self.alive_refs.append(weakref.ref(t))
 
@@ -356,7 +357,7 @@ def test_sync_weights_equals_hf_file_and_converter_with_bounded_buckets(model, h
     stats = engine.sync_weights([model], pg, bucket_bytes=limit)
     monkeypatch.undo()
     ref = load_file(str(hf_dir / "model.safetensors"))
-    assert sorted(backend.loaded) == sorted(ref)
+    assert sorted(backend.loaded) == sorted(ref) and set(backend.load_counts.values()) == {1}
     for name, t in ref.items():
         got = backend.loaded[name]
         assert got.dtype == t.dtype and got.shape == t.shape, name
@@ -379,3 +380,98 @@ def test_sync_weights_equals_hf_file_and_converter_with_bounded_buckets(model, h
     assert stats["bytes"] == sum(t.numel() * t.element_size() for t in ref.values())
     assert backend.calls[:2] == [("sleep", 2), ("wake_up", ("weights",))]  # KV cache stays asleep
     assert engine.asleep == {"kv_cache"} and engine.weights_synced
+
+
+# --- the trainer with a fake vLLM -----------------------------------------------------------------
+class DelegatingBackend(FakeBackend):
+    """Answers vLLM-shaped requests by running the Megatron engine: placeholders re-expanded, PIL
+    images re-cut into patches, vLLM kwargs turned back into SamplingParams (so the conversions run
+    both ways and rewards / log-probs are real)."""
+
+    def __init__(self):
+        super().__init__()
+        self.delegate = None
+        self.model = None
+
+    def generate(self, prompts, sampling):
+        self.calls.append(("generate", len(prompts)))
+        layout = PatchLayout.of(self.model)
+        outs = []
+        for prompt, kw in zip(prompts, sampling):
+            ids, images = [], prompt.get("multi_modal_data", {}).get("image", [])
+            for t in prompt["prompt_token_ids"]:
+                ids.extend([t] * (layout.tokens_per_image if t == layout.image_token_id else 1))
+            pixels = [[self.model.preprocess_images(images)]] if images else None
+            params = SamplingParams(n=kw["n"], temperature=kw["temperature"], top_p=kw["top_p"],
+                                    top_k=kw["top_k"], max_new_tokens=kw["max_tokens"],
+                                    stop_token_ids=tuple(kw["stop_token_ids"]), seed=kw["seed"])
+            res = self.delegate.generate(RolloutRequest([ids], images=pixels), params)
+            outs.append(SimpleNamespace(outputs=[
+                completion(k, res.response_ids[k], res.response_log_probs[k], res.finish_reason[k])
+                for k in range(len(res))]))
+        return outs
+
+
+def test_trainer_rl_step_with_a_fake_vllm(hf_dir, pg, tmp_path, monkeypatch):
+    from megatron_papo import trainer
+    from megatron_papo.config import load_config
+    from megatron_papo.rollout import MegatronRolloutEngine
+    from megatron_papo.testing.tiny_qwen import easy_vqa_overrides, make_tiny_qwen2_5_vl
+
+    hf = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=11, **easy_vqa_overrides())
+    fake = DelegatingBackend()
+    seen = {}
+
+    def factory(hf_path, **kwargs):
+        seen.update(kwargs, hf_path=hf_path)
+        return fake
+
+    monkeypatch.setattr(trainer, "vllm_backend_factory", factory)
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    cfg = load_config(str(root / "examples/tiny_qwen2_5_vl_papo_g.yaml"), [
+        "rollout.engine=vllm", f"model.hf_path={hf}", f"checkpoint.init_weights={hf}", "checkpoint.dir=",
+        f"logging.dir={tmp_path}/run", "rollout.prompts_per_step=2", "train.update_prompts=2",
+        "rollout.vllm_sync_bucket_mb=1"])
+    parts = trainer.build_parts(cfg, pg)
+    trainer.init_weights(parts, cfg, pg)
+    assert seen["hf_path"] == str(hf) and seen["tensor_parallel_size"] == 1 and seen["image_size"] == 56
+    assert seen["max_model_len"] == cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    fake.model = parts.model_chunks[0]
+    fake.delegate = MegatronRolloutEngine(
+        trainer.pipeline_forward_fn(parts.model_chunks, pg, trainer.never_generate_ids(parts.tokenizer)),
+        tp_group=pg.tp, vocab_size=parts.tokenizer.vocab_size, eos_id=parts.tokenizer.eos_id,
+        pad_id=parts.tokenizer.pad_id, model=parts.model_chunks)
+    before = {k: v.clone() for k, v in parts.model_chunks[0].state_dict().items() if "visual.blocks.0" in k}
+    key = "visual.blocks.0.attn.qkv.weight"
+    synced_then = []
+    for step in range(2):
+        m = trainer.rl_step(parts, cfg, pg, step)
+        assert m["updates"] >= 1 and math.isfinite(m["kl_prcp"]) and m["weight_sync_time"] > 0
+        synced_then.append(parts.model_chunks[0].state_dict()[key].clone())  # what the next sync sends
+    kinds = [c[0] for c in fake.calls if c[0] != "reset_prefix_cache"]
+    n_loads = kinds.count("load_weights")
+    assert n_loads >= 2 and n_loads % 2 == 0  # both steps synced every tensor, in buckets
+    per_step = ["wake_up"] + ["load_weights"] * (n_loads // 2) + ["wake_up", "generate", "sleep"]
+    # step 0 starts awake with dummy weights (nothing to wake); step 1 starts asleep
+    assert kinds == ["load_weights"] * (n_loads // 2) + ["generate", "sleep"] + per_step
+    after = parts.model_chunks[0].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the update happened
+    # the second sync carried the weights after step 0's update (step 1's update came later)
+    assert torch.equal(fake.loaded[key], synced_then[0]) and not torch.equal(fake.loaded[key], after[key])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.gpu_memory_utilization=0", r"rollout.gpu_memory_utilization: expected a value in \(0, 1\]"),
+    ("rollout.vllm_sleep_level=3", "rollout.vllm_sleep_level: expected 1 or 2, got 3"),
+    ("rollout.vllm_sync_bucket_mb=0", "rollout.vllm_sync_bucket_mb: expected >= 1"),
+    ("rollout.vllm_max_model_len=64", r"vllm_max_model_len=64 is below .* = 128"),
+])
+def test_vllm_config_errors_name_the_field(override, message):
+    from pathlib import Path
+
+    from megatron_papo.config import ConfigError, load_config
+
+    path = str(Path(__file__).resolve().parents[2] / "examples/tiny_qwen2_5_vl_papo_g.yaml")
+    load_config(path, ["rollout.engine=vllm"])  # valid without vLLM installed
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, ["rollout.engine=vllm", override])
