@@ -25,7 +25,7 @@ LOGPROB_MEAN_ABS = 0.02
 def _tiny_folder(path):
     """Tiny Qwen2.5-VL (bf16) + a tokenizer whose special ids match its config + a processor."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor
 
     from megatron_papo.testing.tiny_qwen import make_tiny_qwen2_5_vl, tiny_qwen_config
 
@@ -39,8 +39,8 @@ def _tiny_folder(path):
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   additional_special_tokens=[n for i, n in sorted(names.items()) if i > 2])
     make_tiny_qwen2_5_vl(path, seed=0, dtype=torch.bfloat16)
-    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
-                        tokenizer=tok).save_pretrained(str(path))
+    tok.save_pretrained(str(path))  # vLLM's processor = this tokenizer + preprocessor_config.json
+    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56).save_pretrained(str(path))
     return path, cfg
 
 
