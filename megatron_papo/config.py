@@ -156,9 +156,9 @@ class RolloutConfig:
     vllm_sleep_level: int = 2
     """vLLM only: 2 = weights and KV cache discarded while training (each step re-syncs all
     weights); 1 = weights kept in CPU memory."""
-    vllm_logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
-    """vLLM only: which log-prob vLLM returns per token (sampling distribution or raw policy);
-    see megatron_papo/rollout/vllm_engine.py."""
+    vllm_logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "raw_logprobs"
+    """vLLM only: which log-prob vLLM returns per token: raw = the temperature-1 policy (any vLLM),
+    processed = the sampling distribution (vLLM >= 0.11); see megatron_papo/rollout/vllm_engine.py."""
     vllm_sync_bucket_mb: int = 1024
     """vLLM only: weight-sync bucket size (MiB): the extra memory a sync holds at once."""
 

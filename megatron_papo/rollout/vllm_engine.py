@@ -36,17 +36,18 @@ resolution (``mm_processor_kwargs`` min_pixels = max_pixels = image_size^2), cut
 **Log-probs** (vLLM's ``logprobs=0`` returns the sampled token's log-prob; what it is depends on the
 engine's ``logprobs_mode``):
 
-* ``"processed_logprobs"`` (default here): log_softmax of the logits after temperature and top-k /
+* ``"processed_logprobs"`` (vLLM >= 0.11): log_softmax of the logits after temperature and top-k /
   top-p (and the ban on ``banned_token_ids``) -> ``response_log_probs``. ``policy_log_probs`` are the
   same numbers when temperature = 1 and top-k / top-p are off, else NaN (not available).
-* ``"raw_logprobs"`` (vLLM's default): log_softmax of the raw logits -> ``policy_log_probs``;
-  ``response_log_probs`` are the same numbers when sampling is plain, 0 under greedy decoding, else NaN.
+* ``"raw_logprobs"`` (the default here and vLLM's; the only one before 0.10): log_softmax of the
+  raw logits (before logit_bias too) -> ``policy_log_probs``; ``response_log_probs`` are the same
+  numbers when sampling is plain, 0 under greedy decoding, else NaN.
 
 The trainer recomputes its own ``old_log_probs`` and uses neither; they are for logging and checks.
 
 Only :class:`VLLMBackend` imports vLLM; everything else here is plain code tested on CPU with a fake
-backend (tests/unit/test_vllm_engine.py). Written against vLLM 0.11 - 0.12 (V1 engine; see
-docs/SCALING.md for the calls and where they were read).
+backend (tests/unit/test_vllm_engine.py). Written for vLLM's V1 engine, 0.9.2 (docker/versions.env)
+and later; docs/SCALING.md lists the calls and where they were read.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ __all__ = [
 
 LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]
 """The two vLLM ``logprobs_mode`` values this engine reads (module docstring)."""
+
+PROCESSED_LOGPROBS_SINCE = (0, 11, 0)
+"""vLLM version from which ``logprobs_mode="processed_logprobs"`` means after temperature and
+top-k / top-p (the engine arg arrived in 0.10, first applied before temperature; vLLM 0.9.x, the
+version docker/versions.env pins, has no such arg and returns raw log-probs)."""
 
 BAN_BIAS = -100.0
 """logit_bias of a banned token (OpenAI's range ends at -100; e^-100 of mass is nothing)."""
@@ -375,7 +381,7 @@ class VLLMBackend:
     def __init__(self, hf_path: str, *, tensor_parallel_size: int, gpu_memory_utilization: float,
                  image_size: int | None, max_images_per_prompt: int = 1, max_model_len: int | None = None,
                  seed: int = 0, dtype: str = "bfloat16", enforce_eager: bool = False,
-                 logprobs_mode: LogprobsMode = "processed_logprobs") -> None:
+                 logprobs_mode: LogprobsMode = "raw_logprobs") -> None:
         from megatron_papo.mcore_compat import require
 
         require("vllm")
@@ -386,13 +392,17 @@ class VLLMBackend:
         self.llm = vllm.LLM(**self.llm_kwargs(
             hf_path, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
             image_size=image_size, max_images_per_prompt=max_images_per_prompt, max_model_len=max_model_len,
-            seed=seed, dtype=dtype, enforce_eager=enforce_eager, logprobs_mode=logprobs_mode))
+            seed=seed, dtype=dtype, enforce_eager=enforce_eager, logprobs_mode=logprobs_mode,
+            vllm_version=version_tuple(vllm.__version__)))
 
     @staticmethod
     def llm_kwargs(hf_path: str, *, tensor_parallel_size: int, gpu_memory_utilization: float,
                    image_size: int | None, max_images_per_prompt: int, max_model_len: int | None, seed: int,
-                   dtype: str, enforce_eager: bool, logprobs_mode: LogprobsMode) -> dict[str, Any]:
-        """The ``vllm.LLM`` keyword arguments (plain data, checked on CPU)."""
+                   dtype: str, enforce_eager: bool, logprobs_mode: LogprobsMode,
+                   vllm_version: tuple[int, ...] = PROCESSED_LOGPROBS_SINCE) -> dict[str, Any]:
+        """The ``vllm.LLM`` keyword arguments (plain data, checked on CPU). Before vLLM 0.10 there is
+        no ``logprobs_mode`` argument (log-probs are raw); processed ones need
+        :data:`PROCESSED_LOGPROBS_SINCE`."""
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError("rollout.gpu_memory_utilization must be in (0, 1], "
                              f"got {gpu_memory_utilization}")
@@ -405,7 +415,13 @@ class VLLMBackend:
             model=str(hf_path), tensor_parallel_size=tensor_parallel_size,
             distributed_executor_backend="external_launcher", load_format="dummy", enable_sleep_mode=True,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, dtype=dtype,
-            enforce_eager=enforce_eager, logprobs_mode=logprobs_mode, generation_config="vllm")
+            enforce_eager=enforce_eager, generation_config="vllm")
+        if logprobs_mode == "processed_logprobs" and vllm_version < PROCESSED_LOGPROBS_SINCE:
+            raise ValueError(f"rollout.vllm_logprobs_mode=processed_logprobs needs vLLM >= "
+                             f"{'.'.join(map(str, PROCESSED_LOGPROBS_SINCE))}, this is "
+                             f"{'.'.join(map(str, vllm_version))}; use raw_logprobs")
+        if vllm_version >= (0, 10, 0):
+            kw["logprobs_mode"] = logprobs_mode
         if max_model_len is not None:
             kw["max_model_len"] = max_model_len
         if image_size is None:
@@ -433,6 +449,14 @@ class VLLMBackend:
         self.llm.reset_prefix_cache()
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'0.11.0rc2.dev5+gabc' -> (0, 11, 0): the leading dotted numbers."""
+    import re
+
+    match = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(x) for x in match.group(0).split(".")) if match else ()
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +482,7 @@ class VLLMRolloutEngine:
     """
 
     def __init__(self, backend: Backend, *, eos_id: int, layout: PatchLayout | None = None,
-                 banned_token_ids: Sequence[int] = (), logprobs_mode: LogprobsMode = "processed_logprobs",
+                 banned_token_ids: Sequence[int] = (), logprobs_mode: LogprobsMode = "raw_logprobs",
                  sleep_level: int = 2, bucket_bytes: int = 1 << 30) -> None:
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")

@@ -28,6 +28,7 @@ from megatron_papo.rollout.vllm_engine import (
     patches_to_images,
     request_to_prompts,
     sampling_kwargs,
+    version_tuple,
 )
 
 IMG = 300  # the tiny Qwen's image token id
@@ -203,6 +204,15 @@ def test_llm_kwargs_for_colocated_spmd():
     assert kw["mm_processor_kwargs"] == {"min_pixels": 448 * 448, "max_pixels": 448 * 448}
     assert kw["limit_mm_per_prompt"] == {"image": 1, "video": 0}
     assert (kw["tensor_parallel_size"], kw["max_model_len"], kw["generation_config"]) == (2, 2048, "vllm")
+    assert kw["logprobs_mode"] == "processed_logprobs"
+    old = dict(tensor_parallel_size=1, gpu_memory_utilization=0.5, image_size=None, max_images_per_prompt=1,
+               max_model_len=None, seed=0, dtype="bfloat16", enforce_eager=True)
+    # vLLM 0.9.x (the pinned image) has no logprobs_mode: raw log-probs, the argument left out
+    assert "logprobs_mode" not in VLLMBackend.llm_kwargs("/m", **old, logprobs_mode="raw_logprobs",
+                                                         vllm_version=version_tuple("0.9.2"))
+    with pytest.raises(ValueError, match=r"processed_logprobs needs vLLM >= 0.11.0, this is 0.10.1"):
+        VLLMBackend.llm_kwargs("/m", **old, logprobs_mode="processed_logprobs", vllm_version=(0, 10, 1))
+    assert version_tuple("0.11.0rc2.dev5+gabc") == (0, 11, 0)
     with pytest.raises(ValueError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
         VLLMBackend.llm_kwargs("/m", tensor_parallel_size=1, gpu_memory_utilization=1.5, image_size=None,
                                max_images_per_prompt=1, max_model_len=None, seed=0, dtype="bfloat16",
