@@ -70,7 +70,7 @@ def test_vllm_generates_with_synced_weights_and_matching_log_probs(world, tmp_pa
     model = model.cuda().eval()
     backend = VLLMBackend(str(hf), tensor_parallel_size=1, gpu_memory_utilization=0.3, image_size=56,
                           max_model_len=256, seed=0, dtype="bfloat16", enforce_eager=True,
-                          logprobs_mode="processed_logprobs")
+                          logprobs_mode="raw_logprobs")
     engine = VLLMRolloutEngine(backend, eos_id=2, layout=PatchLayout.of(model))
     engine.release()  # as between training steps: the sync wakes the weights only
     stats = engine.sync_weights([model], pg, bucket_bytes=1 << 20)
@@ -97,7 +97,7 @@ def test_vllm_generates_with_synced_weights_and_matching_log_probs(world, tmp_pa
     resp = pad.response_ids
     ours = lp[:, p - 1:-1].gather(-1, resp.unsqueeze(-1)).squeeze(-1)
     mask = pad.response_mask
-    diff = (ours - pad.response_log_probs).abs()[mask]
+    diff = (ours - pad.policy_log_probs).abs()[mask]  # raw = temperature-1 policy (any vLLM)
     print(f"log-prob |vLLM - trainer|: max {diff.max().item():.4f}, mean {diff.mean().item():.4f} "
           f"over {int(mask.sum())} tokens")
     assert diff.max().item() <= LOGPROB_MAX_ABS and diff.mean().item() <= LOGPROB_MEAN_ABS
