@@ -155,6 +155,18 @@ class RolloutConfig:
     """Extra stop strings (the tokenizer's end-of-sequence always stops)."""
     gpu_memory_utilization: float = 0.5
     """vLLM only: share of GPU memory for weights + KV cache while generating."""
+    vllm_max_model_len: int | None = None
+    """vLLM only: prompt + response token limit; None = data.max_prompt_length + max_new_tokens."""
+    vllm_enforce_eager: bool = False
+    """vLLM only: no CUDA graphs (slower decoding, faster start, less memory)."""
+    vllm_sleep_level: int = 2
+    """vLLM only: 2 = weights and KV cache discarded while training (each step re-syncs all
+    weights); 1 = weights kept in CPU memory."""
+    vllm_logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "raw_logprobs"
+    """vLLM only: which log-prob vLLM returns per token: raw = the temperature-1 policy (any vLLM),
+    processed = the sampling distribution (vLLM >= 0.11); see megatron_papo/rollout/vllm_engine.py."""
+    vllm_sync_bucket_mb: int = 1024
+    """vLLM only: weight-sync bucket size (MiB): the extra memory a sync holds at once."""
 
 
 @dataclass
@@ -472,6 +484,26 @@ def save_config(cfg: PapoConfig, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- cross-field checks
 
 
+def _validate_vllm(cfg: PapoConfig) -> None:
+    """rollout.engine=vllm: the fields only that engine reads (these errors show on any machine;
+    runtime_checks then checks that vLLM imports and that model.name is one vLLM can build)."""
+    ro = cfg.rollout
+    if not 0 < ro.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.gpu_memory_utilization: expected a value in (0, 1], got "
+                          f"{ro.gpu_memory_utilization}")
+    if ro.vllm_sleep_level not in (1, 2):
+        raise ConfigError(f"rollout.vllm_sleep_level: expected 1 or 2, got {ro.vllm_sleep_level}")
+    if ro.vllm_logprobs_mode not in ("processed_logprobs", "raw_logprobs"):
+        raise ConfigError(f"rollout.vllm_logprobs_mode: expected processed_logprobs or raw_logprobs, got "
+                          f"{ro.vllm_logprobs_mode!r}")
+    if ro.vllm_sync_bucket_mb < 1:
+        raise ConfigError(f"rollout.vllm_sync_bucket_mb: expected >= 1, got {ro.vllm_sync_bucket_mb}")
+    need = cfg.data.max_prompt_length + ro.max_new_tokens
+    if ro.vllm_max_model_len is not None and ro.vllm_max_model_len < need:
+        raise ConfigError(f"rollout.vllm_max_model_len={ro.vllm_max_model_len} is below "
+                          f"data.max_prompt_length + rollout.max_new_tokens = {need}")
+
+
 def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
     """Checks that span sections. Raises ConfigError naming the fields involved."""
     par, model, ro, tr = cfg.parallel, cfg.model, cfg.rollout, cfg.train
@@ -515,6 +547,8 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"rollout.temperature: expected > 0, got {ro.temperature}")
     if not 0 < ro.top_p <= 1:
         raise ConfigError(f"rollout.top_p: expected a value in (0, 1], got {ro.top_p}")
+    if ro.engine == "vllm":
+        _validate_vllm(cfg)
     if tr.update_prompts < 1 or ro.prompts_per_step % tr.update_prompts:
         raise ConfigError(f"train.update_prompts={tr.update_prompts} must divide rollout.prompts_per_step="
                           f"{ro.prompts_per_step}")

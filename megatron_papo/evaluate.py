@@ -44,6 +44,7 @@ def evaluate(parts: Any, cfg: PapoConfig, pg: ProcessGroups) -> dict[str, float]
     model = parts.model_chunks[0]
     sums = torch.zeros(4, dtype=torch.float64)  # correct, correct_masked, format, rows
     chunk = max(1, cfg.rollout.prompts_per_step)
+    steps.prepare_engine(parts.engine, parts.model_chunks, pg)  # vLLM: the current weights, awake
     for lo in range(0, len(mine), chunk):
         samples = [dataset[i] for i in mine[lo:lo + chunk]]
         res = steps.rollout(parts.engine, samples, steps.prompt_pixels(model, samples), params)
@@ -55,6 +56,7 @@ def evaluate(parts: Any, cfg: PapoConfig, pg: ProcessGroups) -> dict[str, float]
             masked = steps.masked_prompt_pixels(model, samples, cfg.masking, step=0)
             res_m = steps.rollout(parts.engine, samples, masked, params)
             sums[1] += steps.score(res_m, samples, parts.tokenizer, cfg.reward).accuracy.double().sum()
+    parts.engine.release()
     if pg.dp_size > 1:
         dist.all_reduce(sums, group=pg.dp)
     rows = max(sums[3].item(), 1.0)

@@ -7,7 +7,7 @@
 - ``model.transformer_impl: transformer_engine``, ``parallel.cp > 1`` and
   ``parallel.sequence_parallel``: Transformer Engine (TE attention for context parallel, TE
   norms for sequence parallel).
-- ``rollout.engine: vllm``: vLLM must import.
+- ``rollout.engine: vllm``: vLLM must import, and model.name must be qwen2_5_vl.
 
 FP8 recipes (Transformer Engine ``transformer_engine.common.recipe``):
 
@@ -135,3 +135,6 @@ def check_runtime(cfg: Any) -> None:
                              f"parameters and loss maths), got {model.precision!r}")
     if rollout.engine == "vllm":
         _require("vllm", "rollout.engine=vllm")
+        if model.name != "qwen2_5_vl":
+            raise ValueError(f"rollout.engine=vllm: vLLM builds the model from model.hf_path, which needs "
+                             f"model.name=qwen2_5_vl (got {model.name!r}); use rollout.engine=megatron")

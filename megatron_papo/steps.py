@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,6 +48,16 @@ def masked_prompt_pixels(model: torch.nn.Module, samples: Sequence[Sample], mask
     masked = mask_group_images([list(s.images) for s in samples], 1, masking, step,
                                prompt_indices=[s.index for s in samples])
     return [model.preprocess_images(m) if m else None for m in masked]
+
+
+def prepare_engine(engine: RolloutEngine, model_chunks: Sequence[torch.nn.Module],
+                   pg: Any) -> dict[str, float]:
+    """Before generating: push the current weights (a no-op for the Megatron engine, a streamed
+    sync for vLLM; collective over the model-parallel group) and take the generation memory back.
+    Returns the sync's metrics (empty when the engine shares the training weights)."""
+    stats = engine.sync_weights(model_chunks, pg)
+    engine.resume()
+    return dict(stats) if stats else {}
 
 
 def rollout(engine: RolloutEngine, samples: Sequence[Sample], pixels: Sequence[Tensor | None],

@@ -128,6 +128,38 @@ class Parts:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def vllm_backend_factory(hf_path: str, **kwargs: Any) -> Any:
+    """Builds the vLLM backend (``VLLMBackend(hf_path, **kwargs)``); tests replace this function
+    with one returning a fake backend."""
+    from megatron_papo.rollout.vllm_engine import VLLMBackend
+
+    return VLLMBackend(hf_path, **kwargs)
+
+
+_VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def build_vllm_engine(cfg: PapoConfig, pg: ProcessGroups, tok: Tokenizer, model: torch.nn.Module) -> Any:
+    """rollout.engine=vllm: one colocated vLLM per tensor-parallel group (vLLM TP = parallel.tp),
+    dummy weights until the first sync (megatron_papo/rollout/vllm_engine.py)."""
+    from megatron_papo.rollout.vllm_engine import PatchLayout, VLLMRolloutEngine, check_consecutive_tp
+
+    if cfg.model.name != "qwen2_5_vl":
+        raise ValueError(f"rollout.engine=vllm needs model.name=qwen2_5_vl, got {cfg.model.name!r}")
+    if pg.tp_size > 1:
+        check_consecutive_tp(dist.get_process_group_ranks(pg.tp))
+    ro = cfg.rollout
+    backend = vllm_backend_factory(
+        cfg.model.hf_path, tensor_parallel_size=pg.tp_size, gpu_memory_utilization=ro.gpu_memory_utilization,
+        image_size=model.image_size[0],
+        max_model_len=ro.vllm_max_model_len or cfg.data.max_prompt_length + ro.max_new_tokens,
+        seed=cfg.train.seed, dtype=_VLLM_DTYPES[cfg.model.precision], enforce_eager=ro.vllm_enforce_eager,
+        logprobs_mode=ro.vllm_logprobs_mode)
+    return VLLMRolloutEngine(backend, eos_id=tok.eos_id, layout=PatchLayout.of(model),
+                             banned_token_ids=never_generate_ids(tok), logprobs_mode=ro.vllm_logprobs_mode,
+                             sleep_level=ro.vllm_sleep_level, bucket_bytes=ro.vllm_sync_bucket_mb << 20)
+
+
 def _split_sft(num: int, cfg: PapoConfig) -> tuple[list[int], list[int]]:
     """(sft_indices, rl_indices): a seeded permutation; the first sft_prompts go to the warm start."""
     order = torch.randperm(num, generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
@@ -141,11 +173,6 @@ def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
 
     if cfg.parallel.vpp is not None:
         raise ValueError("parallel.vpp: the interleaved schedule is not wired into the trainer yet")
-    if cfg.rollout.engine != "megatron":
-        from megatron_papo.mcore_compat import require
-
-        require("vllm")
-        raise NotImplementedError("rollout.engine=vllm: the vLLM engine is the GPU-scale issue's work")
     tok = build_tokenizer(cfg)
 
     def make_model() -> torch.nn.Module:
@@ -168,9 +195,12 @@ def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
     sft_idx, rl_idx = _split_sft(len(dataset), cfg)
     sampler = PromptSampler(len(rl_idx), cfg.rollout.prompts_per_step, seed=cfg.train.seed,
                             shuffle=cfg.data.shuffle, dp_rank=pg.dp_rank, dp_size=pg.dp_size)
-    engine = MegatronRolloutEngine(pipeline_forward_fn(chunks, pg, never_generate_ids(tok)), tp_group=pg.tp,
-                                   vocab_size=tok.vocab_size,
-                                   eos_id=tok.eos_id, pad_id=tok.pad_id, model=chunks)
+    if cfg.rollout.engine == "vllm":
+        engine: RolloutEngine = build_vllm_engine(cfg, pg, tok, model)
+    else:
+        engine = MegatronRolloutEngine(pipeline_forward_fn(chunks, pg, never_generate_ids(tok)),
+                                       tp_group=pg.tp, vocab_size=tok.vocab_size,
+                                       eos_id=tok.eos_id, pad_id=tok.pad_id, model=chunks)
     return Parts(tokenizer=tok, model_chunks=chunks, ddp_chunks=ddp_chunks, optimizer=optimizer,
                  lr_schedule=LrSchedule.from_config(cfg.train), engine=engine, dataset=dataset,
                  rl_indices=rl_idx, sft_indices=sft_idx, sampler=sampler, ref_chunks=ref)
@@ -238,7 +268,9 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
     samples = [parts.dataset[parts.rl_indices[i]] for i in parts.sampler.next_batch()]
     model = parts.model_chunks[0]
     pixels = steps.prompt_pixels(model, samples)
+    sync = steps.prepare_engine(parts.engine, parts.model_chunks, pg)  # vLLM: weights in, KV cache back
     result = steps.rollout(parts.engine, samples, pixels, _sampling_params(cfg, step, pg))
+    parts.engine.release()  # vLLM: sleep, its memory goes back to training
     t_rollout = time.perf_counter() - t0
     rewards = steps.score(result, samples, parts.tokenizer, cfg.reward)
     adv = steps.group_advantages(rewards, cfg.rollout.n, cfg.algorithm)
@@ -269,6 +301,8 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
         out.update({k: sum(m.get(k, 0.0) for m in update_metrics) / n for k in update_metrics[0]})
     out.update(step_time=seconds, rollout_time=t_rollout,
                tokens_per_s=generated * pg.dp_size / max(seconds, 1e-9), updates=float(len(update_metrics)))
+    if "sync_seconds" in sync:
+        out.update(weight_sync_time=sync["sync_seconds"], weight_sync_gb=sync["bytes"] / 2**30)
     return out
 
 

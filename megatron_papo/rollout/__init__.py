@@ -2,6 +2,7 @@
 
     RolloutEngine            the protocol every engine implements (generate, sync_weights, release/resume)
     MegatronRolloutEngine    generation with the training model (megatron-core, any TP, CPU or GPU)
+    vllm_engine              VLLMRolloutEngine: colocated vLLM (GPU), weight sync from the exporter
     SamplingParams, RolloutRequest, RolloutResult, PaddedRollout   the data that crosses the interface
     sampling                 temperature / top-k / top-p / Gumbel-max sampling on [B, V] logits
 """

@@ -17,7 +17,7 @@ Two log-probs come back for every response token:
   trainer still recomputes its ``old_log_probs`` (rollout and training numerics may differ).
 
 Engines: :class:`megatron_papo.rollout.MegatronRolloutEngine` (shares the training model; any
-machine) and, later, a vLLM engine that implements the same :class:`RolloutEngine` protocol.
+machine) and :class:`megatron_papo.rollout.vllm_engine.VLLMRolloutEngine` (colocated vLLM, GPU).
 """
 
 from __future__ import annotations

@@ -1,0 +1,600 @@
+"""Generation with vLLM, colocated with training, behind the :class:`RolloutEngine` protocol.
+
+    backend = VLLMBackend(hf_path, tensor_parallel_size=tp, gpu_memory_utilization=0.5, ...)
+    engine = VLLMRolloutEngine(backend, image_token_id=..., eos_id=tok.eos_id, layout=PatchLayout.of(model))
+    engine.sync_weights(model_chunks, pg)     # stream the trainer's weights (HF names) into vLLM
+    engine.resume()                           # KV cache back
+    result = engine.generate(request, params) # same contract as MegatronRolloutEngine
+    engine.release()                          # sleep: weights and KV cache freed for training
+
+**Colocation (SPMD).** Every training rank builds one in-process vLLM engine
+(``distributed_executor_backend="external_launcher"``, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) whose
+tensor-parallel size is the trainer's: vLLM groups consecutive ranks, which are megatron-core's TP
+groups, so each TP group is one vLLM replica. All ranks of a model-parallel group pass the same
+request and seed and get the same rows (vLLM's scheduling is deterministic; with PP > 1 each stage's
+TP group holds a full replica and generates the same rows). The engine starts with
+``load_format="dummy"`` (random weights) and gets real ones from :meth:`sync_weights`.
+
+**Memory.** ``enable_sleep_mode=True``; :meth:`release` calls ``LLM.sleep(level)`` (level 2: weights
+and KV cache discarded, the next sync rewrites every weight; level 1: weights kept in CPU memory).
+:meth:`sync_weights` wakes only ``"weights"``, :meth:`resume` wakes ``"kv_cache"``, so the KV cache is
+allocated only after the weights are in place.
+
+**Weights.** :func:`sync_weights` streams :func:`megatron_papo.models.hf_qwen2_5_vl.iter_hf_buckets`
+(the same exporter the Megatron->HF converter writes from: full tensors with Hugging Face hub names,
+on every rank of the model-parallel group) into ``model.load_weights`` of vLLM's in-process model,
+one bucket at a time; vLLM's weight loaders cut each full tensor into the rank's TP shard.
+
+**Prompts.** Our prompts hold the image placeholder already expanded (``tokens_per_image`` copies of
+``<|image_pad|>`` per image); vLLM's Qwen2.5-VL processor expands each single ``<|image_pad|>`` of a
+token prompt itself (its prompt update replaces the token with one copy per image token), so each run
+is collapsed back to one token (:func:`collapse_image_placeholders`). Images reach the engine as the
+model-ready patches of ``Qwen25VL.preprocess_images``; :func:`patches_to_images` turns them back into
+the ``image_size x image_size`` RGB images they were cut from, and vLLM's processor, pinned to that
+resolution (``mm_processor_kwargs`` min_pixels = max_pixels = image_size^2), cuts the same patches.
+
+**Log-probs** (vLLM's ``logprobs=0`` returns the sampled token's log-prob; what it is depends on the
+engine's ``logprobs_mode``):
+
+* ``"processed_logprobs"`` (vLLM >= 0.11): log_softmax of the logits after temperature and top-k /
+  top-p (and the ban on ``banned_token_ids``) -> ``response_log_probs``. ``policy_log_probs`` are the
+  same numbers when temperature = 1 and top-k / top-p are off, else NaN (not available).
+* ``"raw_logprobs"`` (the default here and vLLM's; the only one before 0.10): log_softmax of the
+  raw logits (before logit_bias too) -> ``policy_log_probs``; ``response_log_probs`` are the same
+  numbers when sampling is plain, 0 under greedy decoding, else NaN.
+
+The trainer recomputes its own ``old_log_probs`` and uses neither; they are for logging and checks.
+
+Only :class:`VLLMBackend` imports vLLM; everything else here is plain code tested on CPU with a fake
+backend (tests/unit/test_vllm_engine.py). Written for vLLM's V1 engine, 0.9.2 (docker/versions.env)
+and later; docs/SCALING.md lists the calls and where they were read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from megatron_papo.rollout.base import FinishReason, RolloutRequest, RolloutResult, SamplingParams
+
+__all__ = [
+    "LogprobsMode",
+    "PatchLayout",
+    "VLLMBackend",
+    "VLLMRolloutEngine",
+    "collapse_image_placeholders",
+    "outputs_to_result",
+    "patches_to_images",
+    "request_to_prompts",
+    "sampling_kwargs",
+    "sync_weights",
+]
+
+LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]
+"""The two vLLM ``logprobs_mode`` values this engine reads (module docstring)."""
+
+PROCESSED_LOGPROBS_SINCE = (0, 11, 0)
+"""vLLM version from which ``logprobs_mode="processed_logprobs"`` means after temperature and
+top-k / top-p (the engine arg arrived in 0.10, first applied before temperature; vLLM 0.9.x, the
+version docker/versions.env pins, has no such arg and returns raw log-probs)."""
+
+BAN_BIAS = -100.0
+"""logit_bias of a banned token (OpenAI's range ends at -100; e^-100 of mass is nothing)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests -> vLLM prompts
+# ---------------------------------------------------------------------------------------------
+def collapse_image_placeholders(prompt_ids: Sequence[int], image_token_id: int, num_images: int,
+                                tokens_per_image: int | None = None) -> list[int]:
+    """Collapse each image's run of ``image_token_id`` into one token (vLLM re-expands it).
+
+    A run of ``k * tokens_per_image`` placeholders (images back to back) becomes ``k`` tokens; with
+    ``tokens_per_image=None`` every run is one image. Raises ValueError when the runs do not add up
+    to ``num_images`` images or a run is not a whole number of images.
+    """
+    out: list[int] = []
+    images = 0
+    i, n = 0, len(prompt_ids)
+    while i < n:
+        if prompt_ids[i] != image_token_id:
+            out.append(int(prompt_ids[i]))
+            i += 1
+            continue
+        j = i
+        while j < n and prompt_ids[j] == image_token_id:
+            j += 1
+        run = j - i
+        if tokens_per_image is None:
+            count = 1
+        elif run % tokens_per_image:
+            raise ValueError(f"a run of {run} image placeholder tokens (id {image_token_id}) at position {i} "
+                             f"is not a multiple of tokens_per_image={tokens_per_image}")
+        else:
+            count = run // tokens_per_image
+        out.extend([image_token_id] * count)
+        images += count
+        i = j
+    if images != num_images:
+        raise ValueError(f"the prompt holds placeholders for {images} image(s) (token id {image_token_id}) "
+                         f"but {num_images} image(s) were given")
+    return out
+
+
+@dataclass(frozen=True)
+class PatchLayout:
+    """How ``Qwen25VL.preprocess_images`` cut an image into patches (transformers' Qwen2-VL image
+    processor): ``[P, C * temporal_patch * patch^2]`` rows in merge-window order, normalised."""
+
+    image_size: int
+    """Side of the square image every input is resized to."""
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    rescale_factor: float = 1 / 255
+    image_token_id: int | None = None
+    """Placeholder token of one image token (the model's ``image_token_id``)."""
+
+    @property
+    def tokens_per_image(self) -> int:
+        side = self.image_size // (self.patch_size * self.merge_size)
+        return side * side
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.temporal_patch_size * self.patch_size ** 2
+
+    @classmethod
+    def of(cls, model: Any) -> PatchLayout:
+        """From a built ``Qwen25VL`` (its arch, image_size and image processor)."""
+        a, proc = model.arch, model.image_processor
+        return cls(image_size=model.image_size[0], patch_size=a.patch_size,
+                   temporal_patch_size=a.temporal_patch_size, merge_size=a.spatial_merge_size,
+                   image_mean=tuple(float(x) for x in proc.image_mean),
+                   image_std=tuple(float(x) for x in proc.image_std),
+                   rescale_factor=float(proc.rescale_factor), image_token_id=a.image_token_id)
+
+
+def patches_to_images(pixels: Tensor, layout: PatchLayout) -> list[Any]:
+    """[N, P, D] (or [P, D]) normalised patches -> N RGB ``PIL.Image`` of image_size x image_size.
+
+    Inverts the processor: patch rows are ``(h_block, w_block, h_in, w_in)`` with merge windows of
+    merge_size^2 patches, each row ``(C, T, ph, pw)``; the first of the T identical frames is kept,
+    then de-normalised (x * std + mean) / rescale_factor and rounded to uint8.
+    """
+    from PIL import Image
+
+    x = pixels.detach().float().cpu()
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.dim() != 3 or tuple(x.shape[1:]) != (layout.num_patches, layout.patch_dim):
+        raise ValueError(f"image patches must be [N, {layout.num_patches}, {layout.patch_dim}] for "
+                         f"image_size={layout.image_size}, got {tuple(pixels.shape)}")
+    ps, m, t = layout.patch_size, layout.merge_size, layout.temporal_patch_size
+    blocks = layout.image_size // (ps * m)
+    x = x.reshape(-1, blocks, blocks, m, m, 3, t, ps, ps)[..., 0, :, :]  # [N, hb, wb, hi, wi, C, ph, pw]
+    x = x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(-1, 3, layout.image_size, layout.image_size)
+    mean = torch.tensor(layout.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(layout.image_std).view(1, 3, 1, 1)
+    x = ((x * std + mean) / layout.rescale_factor).round().clamp(0, 255).to(torch.uint8)
+    return [Image.fromarray(img.permute(1, 2, 0).contiguous().numpy(), "RGB") for img in x]
+
+
+def prompt_images(items: Sequence[Any], layout: PatchLayout) -> list[Any]:
+    """One prompt's image inputs -> a flat list of PIL images. Items may be PIL images or patch
+    tensors ``[P, D]`` / ``[N, P, D]`` (``steps.rollout`` passes one ``[N, P, D]`` per prompt)."""
+    out: list[Any] = []
+    for item in items:
+        if item is None:
+            continue
+        if isinstance(item, Tensor):
+            if item.numel():
+                out.extend(patches_to_images(item, layout))
+        elif hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
+            out.append(item.convert("RGB"))
+        else:
+            raise TypeError(f"an image input must be a PIL image or a patch tensor, "
+                            f"got {type(item).__name__}")
+    return out
+
+
+def request_to_prompts(request: RolloutRequest, layout: PatchLayout | None) -> list[dict[str, Any]]:
+    """One vLLM ``TokensPrompt`` dict per prompt: ``{"prompt_token_ids": [...]}`` plus
+    ``"multi_modal_data": {"image": [PIL, ...]}`` when it has images (placeholders collapsed)."""
+    prompts = []
+    for ids, items in zip(request.prompt_ids, request.images, strict=True):
+        images = [] if not items else prompt_images(items, _need(layout))
+        if not images:
+            prompts.append({"prompt_token_ids": [int(t) for t in ids]})
+            continue
+        lay = _need(layout)
+        if lay.image_token_id is None:
+            raise ValueError("PatchLayout.image_token_id is needed to collapse image placeholders")
+        tokens = collapse_image_placeholders(ids, lay.image_token_id, len(images), lay.tokens_per_image)
+        prompts.append({"prompt_token_ids": tokens, "multi_modal_data": {"image": images}})
+    return prompts
+
+
+def _need(layout: PatchLayout | None) -> PatchLayout:
+    if layout is None:
+        raise ValueError("the request carries images but the vLLM engine was built without a PatchLayout")
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------
+# SamplingParams -> vLLM SamplingParams kwargs
+# ---------------------------------------------------------------------------------------------
+def sampling_kwargs(params: SamplingParams, *, num_prompts: int, eos_id: int,
+                    banned_token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """Keyword arguments of ``vllm.SamplingParams``, one dict per prompt.
+
+    One to one: n, temperature, top_p, top_k (-1 = off in both), max_new_tokens -> max_tokens,
+    stop_token_ids (+ eos_id, so the stop set is ours whatever vLLM reads from the folder). Fixed:
+    ``logprobs=0`` (the sampled token's log-prob only), ``detokenize=False`` (token ids are all we
+    read). ``banned_token_ids`` get ``logit_bias`` -100. Seeds: vLLM gives the k-th of n children
+    ``seed + k``; prompt i gets ``seed + i * n`` so row r = i * n + k draws with ``seed + r`` (rows
+    never share a stream).
+    """
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+    if eos_id < 0:
+        raise ValueError(f"eos_id must be >= 0, got {eos_id}")
+    base: dict[str, Any] = dict(
+        n=params.n, temperature=float(params.temperature), top_p=float(params.top_p), top_k=int(params.top_k),
+        max_tokens=params.max_new_tokens, stop_token_ids=sorted({eos_id, *params.stop_token_ids}),
+        logprobs=0, detokenize=False)
+    if banned_token_ids:
+        stops = set(base["stop_token_ids"])
+        clash = sorted(stops & set(banned_token_ids))
+        if clash:
+            raise ValueError(f"banned_token_ids {clash} are also stop tokens (eos_id / stop_token_ids)")
+        base["logit_bias"] = {int(t): BAN_BIAS for t in sorted(set(banned_token_ids))}
+    return [{**base, "seed": params.seed + i * params.n} for i in range(num_prompts)]
+
+
+def plain_sampling(params: SamplingParams) -> bool:
+    """Temperature 1 and no top-k / top-p: the sampling and policy distributions coincide."""
+    return params.temperature == 1 and params.top_p >= 1 and params.top_k == -1
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM outputs -> RolloutResult
+# ---------------------------------------------------------------------------------------------
+def _token_log_probs(completion: Any) -> list[float]:
+    """Per generated token, the log-prob vLLM returned for it (``logprobs=0``: a list of
+    ``{token_id: Logprob}`` dicts, one per token, the sampled token always present)."""
+    steps = completion.logprobs
+    ids = list(completion.token_ids)
+    if steps is None:
+        raise ValueError("vLLM returned no logprobs (SamplingParams.logprobs must be 0)")
+    if len(steps) != len(ids):
+        raise ValueError(f"vLLM returned {len(steps)} logprob entries for {len(ids)} tokens")
+    out = []
+    for t, step in zip(ids, steps, strict=True):
+        entry = step[t]
+        out.append(float(getattr(entry, "logprob", entry)))
+    return out
+
+
+def outputs_to_result(request: RolloutRequest, params: SamplingParams, outputs: Sequence[Any], *,
+                      stop_ids: Iterable[int], logprobs_mode: LogprobsMode) -> RolloutResult:
+    """vLLM ``RequestOutput`` list (one per prompt, ``.outputs`` = n ``CompletionOutput`` with
+    ``.index``, ``.token_ids``, ``.logprobs``, ``.finish_reason``) -> group-major RolloutResult.
+
+    finish_reason "stop" needs the last token in ``stop_ids`` (kept, as our contract says);
+    "length" needs ``max_new_tokens`` tokens; anything else ("abort", None) raises.
+    """
+    if len(outputs) != len(request):
+        raise ValueError(f"vLLM returned {len(outputs)} outputs for {len(request)} prompts")
+    stops = set(int(s) for s in stop_ids)
+    plain = plain_sampling(params)
+    nan = float("nan")
+    response_ids, sampling_lp, policy_lp, reasons = [], [], [], []
+    for p, out in enumerate(outputs):
+        completions = sorted(out.outputs, key=lambda c: getattr(c, "index", 0))
+        if len(completions) != params.n:
+            raise ValueError(f"prompt {p}: vLLM returned {len(completions)} completions, "
+                             f"expected n={params.n}")
+        for c in completions:
+            ids = [int(t) for t in c.token_ids]
+            reason = c.finish_reason
+            if reason == "stop":
+                if not ids or ids[-1] not in stops:
+                    raise ValueError(f"prompt {p}: vLLM stopped on {ids[-1:] or 'nothing'}, not one of the "
+                                     f"stop tokens {sorted(stops)} (a stop string or the folder's "
+                                     "generation_config? the engine passes generation_config='vllm')")
+            elif reason == "length":
+                if len(ids) != params.max_new_tokens:
+                    raise ValueError(f"prompt {p}: finish_reason 'length' after {len(ids)} tokens, "
+                                     f"max_new_tokens={params.max_new_tokens} (max_model_len too small?)")
+            else:
+                raise RuntimeError(f"prompt {p}: vLLM finished a response with finish_reason={reason!r}")
+            lp = _token_log_probs(c)
+            if logprobs_mode == "processed_logprobs":
+                samp = [0.0] * len(lp) if params.greedy else lp
+                pol = lp if plain else [nan] * len(lp)
+            else:
+                pol = lp
+                samp = [0.0] * len(lp) if params.greedy else (lp if plain else [nan] * len(lp))
+            response_ids.append(ids)
+            sampling_lp.append(list(samp))
+            policy_lp.append(list(pol))
+            finish: FinishReason = reason
+            reasons.append(finish)
+    n = params.n
+    return RolloutResult(
+        group_size=n, prompt_indices=[i for i in request.prompt_indices for _ in range(n)],
+        prompt_ids=[list(ids) for ids in request.prompt_ids for _ in range(n)], response_ids=response_ids,
+        response_log_probs=sampling_lp, policy_log_probs=policy_lp, finish_reason=reasons)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend: the only code that touches vLLM
+# ---------------------------------------------------------------------------------------------
+class Backend(Protocol):
+    """What :class:`VLLMRolloutEngine` needs from vLLM (a fake one in CPU tests)."""
+
+    def generate(self, prompts: list[dict[str, Any]], sampling: list[dict[str, Any]]) -> list[Any]: ...
+
+    def sleep(self, level: int) -> None: ...
+
+    def wake_up(self, tags: list[str]) -> None: ...
+
+    def load_weights(self, weights: list[tuple[str, Tensor]]) -> None: ...
+
+    def reset_prefix_cache(self) -> None: ...
+
+
+def _load_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> int:
+    """Runs inside vLLM's worker (``LLM.collective_rpc`` passes the worker first)."""
+    worker.model_runner.model.load_weights(weights=weights)
+    return len(weights)
+
+
+class VLLMBackend:
+    """One colocated in-process ``vllm.LLM`` on this rank (module docstring).
+
+    Args:
+        hf_path: Hugging Face folder (config, tokenizer, processor; weights are not read:
+            ``load_format="dummy"``, they come from ``load_weights``).
+        tensor_parallel_size: the trainer's TP size (vLLM groups consecutive ranks).
+        gpu_memory_utilization: share of the GPU vLLM may take for weights + KV cache.
+        image_size: pins vLLM's image processor to ``image_size^2`` pixels (None: no images).
+        max_images_per_prompt: ``limit_mm_per_prompt["image"]``.
+        max_model_len: prompt + response limit (None: the folder's).
+        seed, dtype, enforce_eager: passed to ``vllm.LLM``.
+        logprobs_mode: see the module docstring.
+    """
+
+    def __init__(self, hf_path: str, *, tensor_parallel_size: int, gpu_memory_utilization: float,
+                 image_size: int | None, max_images_per_prompt: int = 1, max_model_len: int | None = None,
+                 seed: int = 0, dtype: str = "bfloat16", enforce_eager: bool = False,
+                 logprobs_mode: LogprobsMode = "raw_logprobs") -> None:
+        from megatron_papo.mcore_compat import require
+
+        require("vllm")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process (SPMD)
+        import vllm
+
+        self._vllm = vllm
+        self.llm = vllm.LLM(**self.llm_kwargs(
+            hf_path, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            image_size=image_size, max_images_per_prompt=max_images_per_prompt, max_model_len=max_model_len,
+            seed=seed, dtype=dtype, enforce_eager=enforce_eager, logprobs_mode=logprobs_mode,
+            vllm_version=version_tuple(vllm.__version__)))
+
+    @staticmethod
+    def llm_kwargs(hf_path: str, *, tensor_parallel_size: int, gpu_memory_utilization: float,
+                   image_size: int | None, max_images_per_prompt: int, max_model_len: int | None, seed: int,
+                   dtype: str, enforce_eager: bool, logprobs_mode: LogprobsMode,
+                   vllm_version: tuple[int, ...] = PROCESSED_LOGPROBS_SINCE) -> dict[str, Any]:
+        """The ``vllm.LLM`` keyword arguments (plain data, checked on CPU). Before vLLM 0.10 there is
+        no ``logprobs_mode`` argument (log-probs are raw); processed ones need
+        :data:`PROCESSED_LOGPROBS_SINCE`."""
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError("rollout.gpu_memory_utilization must be in (0, 1], "
+                             f"got {gpu_memory_utilization}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if logprobs_mode not in ("processed_logprobs", "raw_logprobs"):
+            raise ValueError("logprobs_mode must be processed_logprobs or raw_logprobs, "
+                             f"got {logprobs_mode!r}")
+        kw: dict[str, Any] = dict(
+            model=str(hf_path), tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend="external_launcher", load_format="dummy", enable_sleep_mode=True,
+            gpu_memory_utilization=gpu_memory_utilization, seed=seed, dtype=dtype,
+            enforce_eager=enforce_eager, generation_config="vllm")
+        if logprobs_mode == "processed_logprobs" and vllm_version < PROCESSED_LOGPROBS_SINCE:
+            raise ValueError(f"rollout.vllm_logprobs_mode=processed_logprobs needs vLLM >= "
+                             f"{'.'.join(map(str, PROCESSED_LOGPROBS_SINCE))}, this is "
+                             f"{'.'.join(map(str, vllm_version))}; use raw_logprobs")
+        if vllm_version >= (0, 10, 0):
+            kw["logprobs_mode"] = logprobs_mode
+        if max_model_len is not None:
+            kw["max_model_len"] = max_model_len
+        if image_size is None:
+            kw["limit_mm_per_prompt"] = {"image": 0, "video": 0}
+        else:
+            pixels = image_size * image_size
+            kw["limit_mm_per_prompt"] = {"image": max_images_per_prompt, "video": 0}
+            kw["mm_processor_kwargs"] = {"min_pixels": pixels, "max_pixels": pixels}
+        return kw
+
+    def generate(self, prompts: list[dict[str, Any]], sampling: list[dict[str, Any]]) -> list[Any]:
+        params = [self._vllm.SamplingParams(**kw) for kw in sampling]
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+    def sleep(self, level: int) -> None:
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str]) -> None:
+        self.llm.wake_up(tags=tags)
+
+    def load_weights(self, weights: list[tuple[str, Tensor]]) -> None:
+        self.llm.collective_rpc(_load_on_worker, args=(weights,))
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'0.11.0rc2.dev5+gabc' -> (0, 11, 0): the leading dotted numbers."""
+    import re
+
+    match = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(x) for x in match.group(0).split(".")) if match else ()
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+_TAGS = ("weights", "kv_cache")
+
+
+class VLLMRolloutEngine:
+    """:class:`RolloutEngine` over a :class:`VLLMBackend` (or any object with its four methods).
+
+    Args:
+        backend: the vLLM backend (a fake in CPU tests).
+        eos_id: ends a response (always a stop token).
+        layout: how prompt images were cut into patches (None: text-only requests).
+        banned_token_ids: never sampled (logit_bias -100), e.g. pad and the image placeholder.
+        logprobs_mode: the backend's (module docstring).
+        sleep_level: 2 discards the weights on ``release`` (every sync rewrites them all); 1 keeps a
+            CPU copy (``resume`` without a sync then restores them).
+        bucket_bytes: default weight-sync bucket size.
+
+    State: after construction vLLM holds dummy weights and is awake. ``release`` puts both tags to
+    sleep; ``sync_weights`` wakes "weights" and loads; ``resume`` wakes "kv_cache" (and, at level 1,
+    "weights"); ``generate`` needs both awake.
+    """
+
+    def __init__(self, backend: Backend, *, eos_id: int, layout: PatchLayout | None = None,
+                 banned_token_ids: Sequence[int] = (), logprobs_mode: LogprobsMode = "raw_logprobs",
+                 sleep_level: int = 2, bucket_bytes: int = 1 << 30) -> None:
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        self.backend = backend
+        self.eos_id = eos_id
+        self.layout = layout
+        self.banned_token_ids = sorted({int(t) for t in banned_token_ids if t != eos_id})
+        self.logprobs_mode = logprobs_mode
+        self.sleep_level = sleep_level
+        self.bucket_bytes = bucket_bytes
+        self.asleep: set[str] = set()
+        """Memory tags now released ("weights", "kv_cache")."""
+        self.weights_synced = False
+        """True once real weights were loaded (and not discarded by a level-2 sleep since)."""
+
+    # -- memory ---------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Sleep: free the KV cache and the weights (level 2) or move them to CPU (level 1)."""
+        if set(_TAGS) <= self.asleep:
+            return
+        self.backend.sleep(self.sleep_level)
+        self.asleep = set(_TAGS)
+        if self.sleep_level == 2:
+            self.weights_synced = False
+
+    def wake_weights(self) -> None:
+        """Wake the weight memory only (before loading weights; KV cache stays released)."""
+        if "weights" in self.asleep:
+            self.backend.wake_up(["weights"])
+            self.asleep.discard("weights")
+
+    def resume(self) -> None:
+        """Wake whatever sleeps so that ``generate`` can run."""
+        if "weights" in self.asleep:
+            if self.sleep_level == 2:
+                raise RuntimeError("vLLM discarded its weights at sleep level 2: "
+                                   "call sync_weights before resume")
+            self.wake_weights()
+            self.weights_synced = True
+        if "kv_cache" in self.asleep:
+            self.backend.wake_up(["kv_cache"])
+            self.asleep.discard("kv_cache")
+            self.backend.reset_prefix_cache()  # cached blocks were computed before the sleep
+
+    # -- weights --------------------------------------------------------------------------------
+    def load_buckets(self, buckets: Iterable[list[tuple[str, Tensor]]]) -> dict[str, float]:
+        """Load (HF name, full tensor) buckets, one at a time.
+
+        Returns {"tensors", "bytes", "buckets", "max_bucket_bytes"}."""
+        self.wake_weights()
+        tensors = nbytes = count = biggest = 0
+        for bucket in buckets:
+            size = sum(t.numel() * t.element_size() for _, t in bucket)
+            self.backend.load_weights(bucket)
+            tensors += len(bucket)
+            nbytes += size
+            biggest = max(biggest, size)
+            count += 1
+            del bucket  # drop our reference before the exporter builds the next one
+        self.weights_synced = True
+        self.backend.reset_prefix_cache()  # cached KV came from the previous weights
+        return {"tensors": float(tensors), "bytes": float(nbytes), "buckets": float(count),
+                "max_bucket_bytes": float(biggest)}
+
+    def sync_weights(self, model_chunks: Sequence[torch.nn.Module], pg: Any,
+                     bucket_bytes: int | None = None) -> dict[str, float]:
+        """Push the trainer's weights (collective over the model-parallel group); see :func:`sync_weights`."""
+        size = self.bucket_bytes if bucket_bytes is None else bucket_bytes
+        return sync_weights(self, model_chunks, pg, size)
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, request: RolloutRequest, params: SamplingParams) -> RolloutResult:
+        """``params.n`` responses per prompt, group-major rows (see ``RolloutResult``)."""
+        if self.asleep:
+            raise RuntimeError(f"vLLM is asleep ({sorted(self.asleep)}): call sync_weights / resume first")
+        if not self.weights_synced:
+            raise RuntimeError("vLLM still holds its dummy weights: call sync_weights before generate")
+        start = time.perf_counter()
+        prompts = request_to_prompts(request, self.layout)
+        kwargs = sampling_kwargs(params, num_prompts=len(request), eos_id=self.eos_id,
+                                 banned_token_ids=self.banned_token_ids)
+        outputs = self.backend.generate(prompts, kwargs)
+        result = outputs_to_result(request, params, outputs, stop_ids=kwargs[0]["stop_token_ids"],
+                                   logprobs_mode=self.logprobs_mode)
+        result.metrics.update(seconds=time.perf_counter() - start,
+                              generated_tokens=float(sum(len(r) for r in result.response_ids)))
+        return result
+
+
+def sync_weights(engine: VLLMRolloutEngine, model_chunks: Sequence[torch.nn.Module], pg: Any,
+                 bucket_bytes: int = 1 << 30) -> dict[str, float]:
+    """Stream the Megatron model into the engine: ``iter_hf_buckets`` (full HF tensors on every
+    rank of the model-parallel group; collective, every rank must call) -> ``load_weights``, one
+    bucket alive at a time. Wakes the weight memory first if it sleeps.
+
+    Returns {"sync_seconds", "tensors", "bytes", "buckets", "max_bucket_bytes"} (this rank).
+    """
+    from megatron_papo.models.hf_qwen2_5_vl import iter_hf_buckets
+
+    start = time.perf_counter()
+    stats = engine.load_buckets(iter_hf_buckets(model_chunks, pg, bucket_bytes))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return {"sync_seconds": time.perf_counter() - start, **stats}
+
+
+def check_consecutive_tp(tp_ranks: Sequence[int]) -> None:
+    """vLLM's external launcher makes TP groups of consecutive global ranks; the trainer's TP
+    group must be such a block (megatron-core's default order puts TP fastest)."""
+    ranks = list(tp_ranks)
+    size = len(ranks)
+    if ranks != list(range(ranks[0], ranks[0] + size)) or ranks[0] % size:
+        raise ValueError("rollout.engine=vllm needs each tensor-parallel group to be consecutive global "
+                         f"ranks starting at a multiple of tp (vLLM groups ranks that way), got {ranks}")
+

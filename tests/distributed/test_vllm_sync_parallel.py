@@ -1,0 +1,74 @@
+"""The vLLM weight sync on 2 gloo ranks, in ONE spawned run: with TP=2 and then PP=2 every rank of
+the model-parallel group hands its (fake) vLLM the same full Hugging Face tensors, bit-identical to
+the source folder (vLLM's loaders then cut each rank's shard)."""
+
+import pytest
+import torch
+
+from megatron_papo.testing import run_distributed
+
+pytestmark = pytest.mark.slow
+
+
+class _RecordingBackend:
+    def __init__(self):
+        self.loaded, self.calls = {}, []
+
+    def load_weights(self, weights):
+        self.calls.append(len(weights))
+        for name, t in weights:
+            assert name not in self.loaded, f"{name} loaded twice"
+            self.loaded[name] = t.clone()
+
+    def wake_up(self, tags):
+        self.calls.append(tuple(tags))
+
+    def sleep(self, level):
+        self.calls.append(level)
+
+    def reset_prefix_cache(self):
+        pass
+
+
+def _run(rank: int, world: int, hf_dir: str, work: str) -> dict:
+    from pathlib import Path
+
+    from megatron_papo.checkpointing import load_checkpoint
+    from megatron_papo.convert import build_for_conversion, convert_hf_to_megatron
+    from megatron_papo.distributed import init_distributed
+    from megatron_papo.rollout.vllm_engine import VLLMRolloutEngine
+
+    out = {}
+    pg = init_distributed(tp=2, seed=0)
+    convert_hf_to_megatron(hf_dir, Path(work) / "tp2", pg)
+    for layout in ("tp2", "pp2"):
+        if layout == "pp2":
+            pg = init_distributed(pp=2, seed=0)
+        model = build_for_conversion(hf_dir, pg)
+        load_checkpoint(Path(work) / "tp2", [model], None, pg, load_optimizer=False, load_rng=False)
+        backend = _RecordingBackend()
+        engine = VLLMRolloutEngine(backend, eos_id=2)
+        engine.release()
+        stats = engine.sync_weights([model], pg, bucket_bytes=256 * 1024)
+        out[layout] = {"loaded": backend.loaded, "buckets": stats["buckets"], "calls": backend.calls[:2]}
+    return out
+
+
+def test_every_model_parallel_rank_receives_the_full_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from megatron_papo.testing.tiny_qwen import make_tiny_qwen2_5_vl
+
+    hf = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=5)
+    ref = load_file(str(hf / "model.safetensors"))
+    results = run_distributed(_run, 2, args=(str(hf), str(tmp_path)), timeout=600)
+    for rank, out in enumerate(results):
+        for layout in ("tp2", "pp2"):
+            got = out[layout]["loaded"]
+            assert sorted(got) == sorted(ref), f"rank {rank} {layout}: names differ"
+            for name, t in ref.items():
+                same = got[name].dtype == t.dtype and torch.equal(got[name].view(-1).view(torch.uint8),
+                                                                  t.view(-1).view(torch.uint8))
+                assert same, f"rank {rank} {layout}: {name} differs from the HF file"
+            assert out[layout]["buckets"] > 3
+            assert out[layout]["calls"][:2] == [2, ("weights",)]  # slept, then only the weights woke
