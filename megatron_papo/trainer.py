@@ -151,7 +151,7 @@ def build_vllm_engine(cfg: PapoConfig, pg: ProcessGroups, tok: Tokenizer, model:
     ro = cfg.rollout
     backend = vllm_backend_factory(
         cfg.model.hf_path, tensor_parallel_size=pg.tp_size, gpu_memory_utilization=ro.gpu_memory_utilization,
-        image_size=model.image_size[0],
+        image_pixels=(model.min_pixels, model.max_pixels),
         max_model_len=ro.vllm_max_model_len or cfg.data.max_prompt_length + ro.max_new_tokens,
         seed=cfg.train.seed, dtype=_VLLM_DTYPES[cfg.model.precision], enforce_eager=ro.vllm_enforce_eager,
         logprobs_mode=ro.vllm_logprobs_mode)

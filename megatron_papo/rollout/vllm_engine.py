@@ -25,13 +25,14 @@ allocated only after the weights are in place.
 on every rank of the model-parallel group) into ``model.load_weights`` of vLLM's in-process model,
 one bucket at a time; vLLM's weight loaders cut each full tensor into the rank's TP shard.
 
-**Prompts.** Our prompts hold the image placeholder already expanded (``tokens_per_image`` copies of
-``<|image_pad|>`` per image); vLLM's Qwen2.5-VL processor expands each single ``<|image_pad|>`` of a
-token prompt itself (its prompt update replaces the token with one copy per image token), so each run
-is collapsed back to one token (:func:`collapse_image_placeholders`). Images reach the engine as the
-model-ready patches of ``Qwen25VL.preprocess_images``; :func:`patches_to_images` turns them back into
-the ``image_size x image_size`` RGB images they were cut from, and vLLM's processor, pinned to that
-resolution (``mm_processor_kwargs`` min_pixels = max_pixels = image_size^2), cuts the same patches.
+**Prompts.** Our prompts hold the image placeholder already expanded (one ``<|image_pad|>`` per
+image token); vLLM's Qwen2.5-VL processor expands each single ``<|image_pad|>`` of a token prompt
+itself (its prompt update replaces the token with one copy per image token), so each image's run is
+collapsed back to one token (:func:`collapse_image_placeholders`). Images reach the engine as the
+model-ready ``QwenImages`` of ``Qwen25VL.preprocess_images`` (patches + per-image grids);
+:func:`patches_to_images` turns them back into the resized RGB images they were cut from (sides
+multiple of 28, area within [min_pixels, max_pixels]), and vLLM's processor, given the same bounds
+(``mm_processor_kwargs``), leaves their size alone and cuts the same patches.
 
 **Log-probs** (vLLM's ``logprobs=0`` returns the sampled token's log-prob; what it is depends on the
 engine's ``logprobs_mode``):
@@ -91,16 +92,16 @@ BAN_BIAS = -100.0
 # ---------------------------------------------------------------------------------------------
 # Requests -> vLLM prompts
 # ---------------------------------------------------------------------------------------------
-def collapse_image_placeholders(prompt_ids: Sequence[int], image_token_id: int, num_images: int,
-                                tokens_per_image: int | None = None) -> list[int]:
+def collapse_image_placeholders(prompt_ids: Sequence[int], image_token_id: int,
+                                tokens_per_image: Sequence[int]) -> list[int]:
     """Collapse each image's run of ``image_token_id`` into one token (vLLM re-expands it).
 
-    A run of ``k * tokens_per_image`` placeholders (images back to back) becomes ``k`` tokens; with
-    ``tokens_per_image=None`` every run is one image. Raises ValueError when the runs do not add up
-    to ``num_images`` images or a run is not a whole number of images.
+    ``tokens_per_image[k]`` is image k's placeholder count (images in prompt order; images back to
+    back form one run, split by these counts). Raises ValueError when the runs do not match.
     """
     out: list[int] = []
-    images = 0
+    counts = list(tokens_per_image)
+    k = 0
     i, n = 0, len(prompt_ids)
     while i < n:
         if prompt_ids[i] != image_token_id:
@@ -111,46 +112,38 @@ def collapse_image_placeholders(prompt_ids: Sequence[int], image_token_id: int, 
         while j < n and prompt_ids[j] == image_token_id:
             j += 1
         run = j - i
-        if tokens_per_image is None:
-            count = 1
-        elif run % tokens_per_image:
-            raise ValueError(f"a run of {run} image placeholder tokens (id {image_token_id}) at position {i} "
-                             f"is not a multiple of tokens_per_image={tokens_per_image}")
-        else:
-            count = run // tokens_per_image
-        out.extend([image_token_id] * count)
-        images += count
+        while run > 0:
+            if k >= len(counts) or counts[k] > run:
+                raise ValueError(f"the image placeholder tokens (id {image_token_id}) at position {i} do not "
+                                 f"match the images' token counts {counts}")
+            run -= counts[k]
+            out.append(image_token_id)
+            k += 1
         i = j
-    if images != num_images:
-        raise ValueError(f"the prompt holds placeholders for {images} image(s) (token id {image_token_id}) "
-                         f"but {num_images} image(s) were given")
+    if k != len(counts):
+        raise ValueError(f"the prompt holds placeholders for {k} image(s) (token id {image_token_id}) "
+                         f"but {len(counts)} image(s) were given")
     return out
 
 
 @dataclass(frozen=True)
 class PatchLayout:
-    """How ``Qwen25VL.preprocess_images`` cut an image into patches (transformers' Qwen2-VL image
-    processor): ``[P, C * temporal_patch * patch^2]`` rows in merge-window order, normalised."""
+    """How ``Qwen25VL.preprocess_images`` cut images into patches (transformers' Qwen2-VL image
+    processor): per image ``[t * h * w, C * temporal_patch * patch^2]`` rows in merge-window order,
+    normalised, with its grid (t, h, w) in ``QwenImages.grid_thw``."""
 
-    image_size: int
-    """Side of the square image every input is resized to."""
     patch_size: int
     temporal_patch_size: int
     merge_size: int
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
+    min_pixels: int
+    """The processor's area bounds (fixed resolution: both = image_size^2); vLLM's processor gets
+    the same, so the images rebuilt here (already within them) keep their size there."""
+    max_pixels: int
     rescale_factor: float = 1 / 255
     image_token_id: int | None = None
     """Placeholder token of one image token (the model's ``image_token_id``)."""
-
-    @property
-    def tokens_per_image(self) -> int:
-        side = self.image_size // (self.patch_size * self.merge_size)
-        return side * side
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
     @property
     def patch_dim(self) -> int:
@@ -158,56 +151,59 @@ class PatchLayout:
 
     @classmethod
     def of(cls, model: Any) -> PatchLayout:
-        """From a built ``Qwen25VL`` (its arch, image_size and image processor)."""
+        """From a built ``Qwen25VL`` (its arch, resolution bounds and image processor)."""
         a, proc = model.arch, model.image_processor
-        return cls(image_size=model.image_size[0], patch_size=a.patch_size,
-                   temporal_patch_size=a.temporal_patch_size, merge_size=a.spatial_merge_size,
-                   image_mean=tuple(float(x) for x in proc.image_mean),
-                   image_std=tuple(float(x) for x in proc.image_std),
-                   rescale_factor=float(proc.rescale_factor), image_token_id=a.image_token_id)
+        return cls(patch_size=a.patch_size, temporal_patch_size=a.temporal_patch_size,
+                   merge_size=a.spatial_merge_size, image_mean=tuple(float(x) for x in proc.image_mean),
+                   image_std=tuple(float(x) for x in proc.image_std), min_pixels=model.min_pixels,
+                   max_pixels=model.max_pixels, rescale_factor=float(proc.rescale_factor),
+                   image_token_id=a.image_token_id)
 
 
-def patches_to_images(pixels: Tensor, layout: PatchLayout) -> list[Any]:
-    """[N, P, D] (or [P, D]) normalised patches -> N RGB ``PIL.Image`` of image_size x image_size.
+def patches_to_images(images: Any, layout: PatchLayout) -> list[Any]:
+    """``QwenImages`` (patches + grids) -> one RGB ``PIL.Image`` per image, of (h * patch, w * patch).
 
-    Inverts the processor: patch rows are ``(h_block, w_block, h_in, w_in)`` with merge windows of
-    merge_size^2 patches, each row ``(C, T, ph, pw)``; the first of the T identical frames is kept,
-    then de-normalised (x * std + mean) / rescale_factor and rounded to uint8.
+    Inverts the processor: an image's rows are ``(h_block, w_block, h_in, w_in)`` with merge windows
+    of merge_size^2 patches, each row ``(C, T, ph, pw)``; the first of the T identical frames is
+    kept, then de-normalised (x * std + mean) / rescale_factor and rounded to uint8.
     """
     from PIL import Image
 
-    x = pixels.detach().float().cpu()
-    if x.dim() == 2:
-        x = x.unsqueeze(0)
-    if x.dim() != 3 or tuple(x.shape[1:]) != (layout.num_patches, layout.patch_dim):
-        raise ValueError(f"image patches must be [N, {layout.num_patches}, {layout.patch_dim}] for "
-                         f"image_size={layout.image_size}, got {tuple(pixels.shape)}")
-    ps, m, t = layout.patch_size, layout.merge_size, layout.temporal_patch_size
-    blocks = layout.image_size // (ps * m)
-    x = x.reshape(-1, blocks, blocks, m, m, 3, t, ps, ps)[..., 0, :, :]  # [N, hb, wb, hi, wi, C, ph, pw]
-    x = x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(-1, 3, layout.image_size, layout.image_size)
-    mean = torch.tensor(layout.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(layout.image_std).view(1, 3, 1, 1)
-    x = ((x * std + mean) / layout.rescale_factor).round().clamp(0, 255).to(torch.uint8)
-    return [Image.fromarray(img.permute(1, 2, 0).contiguous().numpy(), "RGB") for img in x]
+    values, grids = images.pixel_values.detach().float().cpu(), images.grid_thw.tolist()
+    if values.dim() != 2 or values.shape[1] != layout.patch_dim:
+        raise ValueError(f"image patches must be [P, {layout.patch_dim}], got {tuple(values.shape)}")
+    sizes = [t * h * w for t, h, w in grids]
+    if sum(sizes) != values.shape[0]:
+        raise ValueError(f"the grids {grids} give {sum(sizes)} patches but there are {values.shape[0]}")
+    ps, m, tp = layout.patch_size, layout.merge_size, layout.temporal_patch_size
+    mean = torch.tensor(layout.image_mean).view(3, 1, 1)
+    std = torch.tensor(layout.image_std).view(3, 1, 1)
+    out = []
+    for x, (t, h, w) in zip(values.split(sizes), grids, strict=True):
+        if t != 1:
+            raise ValueError(f"an image has temporal grid {t}; only still images (t = 1) are supported")
+        x = x.reshape(h // m, w // m, m, m, 3, tp, ps, ps)[..., 0, :, :]  # [hb, wb, hi, wi, C, ph, pw]
+        x = x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * ps, w * ps)
+        x = ((x * std + mean) / layout.rescale_factor).round().clamp(0, 255).to(torch.uint8)
+        out.append(Image.fromarray(x.permute(1, 2, 0).contiguous().numpy(), "RGB"))
+    return out
 
 
-def prompt_images(items: Sequence[Any], layout: PatchLayout) -> list[Any]:
-    """One prompt's image inputs -> a flat list of PIL images. Items may be PIL images or patch
-    tensors ``[P, D]`` / ``[N, P, D]`` (``steps.rollout`` passes one ``[N, P, D]`` per prompt)."""
+def prompt_images(items: Sequence[Any], layout: PatchLayout) -> tuple[list[Any], list[int]]:
+    """One prompt's image inputs -> (PIL images, each image's placeholder count). Items are
+    ``QwenImages`` (what ``steps.rollout`` passes, one per prompt)."""
     out: list[Any] = []
+    counts: list[int] = []
     for item in items:
         if item is None:
             continue
-        if isinstance(item, Tensor):
-            if item.numel():
-                out.extend(patches_to_images(item, layout))
-        elif hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
-            out.append(item.convert("RGB"))
-        else:
-            raise TypeError(f"an image input must be a PIL image or a patch tensor, "
+        if not hasattr(item, "grid_thw"):
+            raise TypeError(f"an image input must be QwenImages (Qwen25VL.preprocess_images), "
                             f"got {type(item).__name__}")
-    return out
+        if len(item):
+            out.extend(patches_to_images(item, layout))
+            counts.extend((item.grid_thw.prod(-1) // layout.merge_size ** 2).tolist())
+    return out, counts
 
 
 def request_to_prompts(request: RolloutRequest, layout: PatchLayout | None) -> list[dict[str, Any]]:
@@ -215,14 +211,14 @@ def request_to_prompts(request: RolloutRequest, layout: PatchLayout | None) -> l
     ``"multi_modal_data": {"image": [PIL, ...]}`` when it has images (placeholders collapsed)."""
     prompts = []
     for ids, items in zip(request.prompt_ids, request.images, strict=True):
-        images = [] if not items else prompt_images(items, _need(layout))
+        images, counts = ([], []) if not items else prompt_images(items, _need(layout))
         if not images:
             prompts.append({"prompt_token_ids": [int(t) for t in ids]})
             continue
         lay = _need(layout)
         if lay.image_token_id is None:
             raise ValueError("PatchLayout.image_token_id is needed to collapse image placeholders")
-        tokens = collapse_image_placeholders(ids, lay.image_token_id, len(images), lay.tokens_per_image)
+        tokens = collapse_image_placeholders(ids, lay.image_token_id, counts)
         prompts.append({"prompt_token_ids": tokens, "multi_modal_data": {"image": images}})
     return prompts
 
@@ -371,7 +367,8 @@ class VLLMBackend:
             ``load_format="dummy"``, they come from ``load_weights``).
         tensor_parallel_size: the trainer's TP size (vLLM groups consecutive ranks).
         gpu_memory_utilization: share of the GPU vLLM may take for weights + KV cache.
-        image_size: pins vLLM's image processor to ``image_size^2`` pixels (None: no images).
+        image_pixels: (min_pixels, max_pixels) for vLLM's image processor, the model's own bounds
+            (None: no images).
         max_images_per_prompt: ``limit_mm_per_prompt["image"]``.
         max_model_len: prompt + response limit (None: the folder's).
         seed, dtype, enforce_eager: passed to ``vllm.LLM``.
@@ -379,7 +376,8 @@ class VLLMBackend:
     """
 
     def __init__(self, hf_path: str, *, tensor_parallel_size: int, gpu_memory_utilization: float,
-                 image_size: int | None, max_images_per_prompt: int = 1, max_model_len: int | None = None,
+                 image_pixels: tuple[int, int] | None, max_images_per_prompt: int = 1,
+                 max_model_len: int | None = None,
                  seed: int = 0, dtype: str = "bfloat16", enforce_eager: bool = False,
                  logprobs_mode: LogprobsMode = "raw_logprobs") -> None:
         from megatron_papo.mcore_compat import require
@@ -391,14 +389,16 @@ class VLLMBackend:
         self._vllm = vllm
         self.llm = vllm.LLM(**self.llm_kwargs(
             hf_path, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-            image_size=image_size, max_images_per_prompt=max_images_per_prompt, max_model_len=max_model_len,
-            seed=seed, dtype=dtype, enforce_eager=enforce_eager, logprobs_mode=logprobs_mode,
+            image_pixels=image_pixels, max_images_per_prompt=max_images_per_prompt,
+            max_model_len=max_model_len, seed=seed, dtype=dtype, enforce_eager=enforce_eager,
+            logprobs_mode=logprobs_mode,
             vllm_version=version_tuple(vllm.__version__)))
 
     @staticmethod
     def llm_kwargs(hf_path: str, *, tensor_parallel_size: int, gpu_memory_utilization: float,
-                   image_size: int | None, max_images_per_prompt: int, max_model_len: int | None, seed: int,
-                   dtype: str, enforce_eager: bool, logprobs_mode: LogprobsMode,
+                   image_pixels: tuple[int, int] | None, max_images_per_prompt: int,
+                   max_model_len: int | None, seed: int, dtype: str, enforce_eager: bool,
+                   logprobs_mode: LogprobsMode,
                    vllm_version: tuple[int, ...] = PROCESSED_LOGPROBS_SINCE) -> dict[str, Any]:
         """The ``vllm.LLM`` keyword arguments (plain data, checked on CPU). Before vLLM 0.10 there is
         no ``logprobs_mode`` argument (log-probs are raw); processed ones need
@@ -424,12 +424,11 @@ class VLLMBackend:
             kw["logprobs_mode"] = logprobs_mode
         if max_model_len is not None:
             kw["max_model_len"] = max_model_len
-        if image_size is None:
+        if image_pixels is None:
             kw["limit_mm_per_prompt"] = {"image": 0, "video": 0}
         else:
-            pixels = image_size * image_size
             kw["limit_mm_per_prompt"] = {"image": max_images_per_prompt, "video": 0}
-            kw["mm_processor_kwargs"] = {"min_pixels": pixels, "max_pixels": pixels}
+            kw["mm_processor_kwargs"] = {"min_pixels": image_pixels[0], "max_pixels": image_pixels[1]}
         return kw
 
     def generate(self, prompts: list[dict[str, Any]], sampling: list[dict[str, Any]]) -> list[Any]:

@@ -68,7 +68,8 @@ def test_vllm_generates_with_synced_weights_and_matching_log_probs(world, tmp_pa
     model = build_for_conversion(hf, pg, precision="bf16", image_size=56)
     load_hf_weights(model, SafetensorsReader(hf))
     model = model.cuda().eval()
-    backend = VLLMBackend(str(hf), tensor_parallel_size=1, gpu_memory_utilization=0.3, image_size=56,
+    backend = VLLMBackend(str(hf), tensor_parallel_size=1, gpu_memory_utilization=0.3,
+                          image_pixels=(model.min_pixels, model.max_pixels),
                           max_model_len=256, seed=0, dtype="bfloat16", enforce_eager=True,
                           logprobs_mode="raw_logprobs")
     engine = VLLMRolloutEngine(backend, eos_id=2, layout=PatchLayout.of(model))
@@ -80,17 +81,19 @@ def test_vllm_generates_with_synced_weights_and_matching_log_probs(world, tmp_pa
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)) for _ in range(2)]
-    pixels = model.preprocess_images(images)
+    one, two = model.preprocess_images(images[:1]), model.preprocess_images(images[1:])
     img = [cfg.vision_start_token_id, *[cfg.image_token_id] * 4, cfg.vision_end_token_id]
     prompts = [[1, *img, 10, 11, 12], [1, 13, *img, 14]]
     params = SamplingParams(n=3, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=12, seed=5)
-    result = engine.generate(RolloutRequest(prompts, images=[[pixels[:1]], [pixels[1:]]]), params)
+    result = engine.generate(RolloutRequest(prompts, images=[[one], [two]]), params)
     assert len(result) == 6 and all(len(r) >= 1 for r in result.response_ids)
 
     # the trainer's log-probs of the same tokens (one forward over prompt + response)
     pad = result.padded(pad_id=0, device="cuda")
     p = pad.prompt_ids.shape[1]
-    row_pixels = torch.cat([pixels[i // 3:i // 3 + 1] for i in range(6)]).cuda()
+    from megatron_papo.models.base import concat_pixels
+
+    row_pixels = concat_pixels([(one, two)[i // 3] for i in range(6)])
     with torch.no_grad():
         logits = model(pad.input_ids, pad.position_ids, pad.attention_mask, row_pixels)
     lp = torch.log_softmax(logits.float()[..., :cfg.text_config.vocab_size], dim=-1)

@@ -92,16 +92,15 @@ def scripted(responses):
 
 # --- prompts --------------------------------------------------------------------------------------
 def test_collapse_image_placeholders():
-    ids = [5, 7, IMG, IMG, IMG, IMG, 8, 9, IMG, IMG, IMG, IMG, 8]
-    assert collapse_image_placeholders(ids, IMG, 2, 4) == [5, 7, IMG, 8, 9, IMG, 8]
-    assert collapse_image_placeholders(ids, IMG, 2) == [5, 7, IMG, 8, 9, IMG, 8]
-    back_to_back = [1, *[IMG] * 8, 2]
-    assert collapse_image_placeholders(back_to_back, IMG, 2, 4) == [1, IMG, IMG, 2]
-    assert collapse_image_placeholders([1, 2], IMG, 0, 4) == [1, 2]
-    with pytest.raises(ValueError, match=r"placeholders for 2 image.*but 1"):
-        collapse_image_placeholders(ids, IMG, 1, 4)
-    with pytest.raises(ValueError, match=r"run of 3 .* not a multiple of tokens_per_image=4"):
-        collapse_image_placeholders([1, IMG, IMG, IMG], IMG, 1, 4)
+    ids = [5, 7, IMG, IMG, IMG, IMG, 8, 9, IMG, IMG, 8]
+    assert collapse_image_placeholders(ids, IMG, [4, 2]) == [5, 7, IMG, 8, 9, IMG, 8]
+    back_to_back = [1, *[IMG] * 9, 2]  # images of 4 and 5 tokens with nothing between them
+    assert collapse_image_placeholders(back_to_back, IMG, [4, 5]) == [1, IMG, IMG, 2]
+    assert collapse_image_placeholders([1, 2], IMG, []) == [1, 2]
+    with pytest.raises(ValueError, match=r"placeholders for 2 image.*but 3"):
+        collapse_image_placeholders(ids, IMG, [4, 2, 1])
+    with pytest.raises(ValueError, match=r"do not match the images' token counts \[4\]"):
+        collapse_image_placeholders([1, IMG, IMG, IMG], IMG, [4])
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +128,7 @@ def model(hf_dir, pg, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("meg") / "ckpt"
     convert_hf_to_megatron(hf_dir, out, pg)
-    m = build_for_conversion(hf_dir, pg, image_size=56)
+    m = build_for_conversion(hf_dir, pg)  # dynamic resolution
     load_checkpoint(out, [m], None, pg, load_optimizer=False, load_rng=False)
     return m
 
@@ -139,41 +138,57 @@ def _images(seed, count, size=(70, 90)):
     return [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def test_patches_turn_back_into_the_same_images(model):
+def test_patches_turn_back_into_the_same_images(model, hf_dir, pg):
+    """Dynamic resolution (three sizes, three grids) and fixed resolution: the rebuilt images have
+    the processor's resized size, re-cut to the same patches, and one already at that size comes
+    back bit-exact."""
+    from megatron_papo.convert import build_for_conversion
+    from megatron_papo.models.qwen2_5_vl import QwenImages
+
     layout = PatchLayout.of(model)
-    assert (layout.image_size, layout.tokens_per_image, layout.image_token_id) == (56, 4, IMG)
-    images = _images(0, 2) + _images(1, 1, size=(56, 56))
-    pixels = model.preprocess_images(images)  # [3, 16, 1176]
+    assert (layout.min_pixels, layout.max_pixels, layout.image_token_id) == (56 * 56, 28 * 28 * 1280, IMG)
+    images = _images(0, 1) + _images(1, 1, size=(56, 56)) + _images(2, 1, size=(30, 120))
+    pixels = model.preprocess_images(images)
+    assert pixels.grid_thw.tolist() == [[1, 4, 6], [1, 4, 4], [1, 2, 8]]
     back = patches_to_images(pixels, layout)
-    assert [im.size for im in back] == [(56, 56)] * 3
-    # an image already at image_size comes back bit-exact, and every image re-cuts to the same patches
-    assert np.array_equal(np.asarray(back[2]), np.asarray(images[2]))
-    assert torch.equal(model.preprocess_images(back), pixels)
-    assert len(patches_to_images(pixels[0], layout)) == 1
-    with pytest.raises(ValueError, match=r"must be \[N, 16, 1176\] for image_size=56"):
-        patches_to_images(pixels[:, :8], layout)
+    assert [im.size for im in back] == [(84, 56), (56, 56), (112, 28)]  # PIL (w, h)
+    assert np.array_equal(np.asarray(back[1]), np.asarray(images[1]))
+    again = model.preprocess_images(back)
+    assert torch.equal(again.pixel_values, pixels.pixel_values)
+    assert torch.equal(again.grid_thw, pixels.grid_thw)
+    fixed = build_for_conversion(hf_dir, pg, image_size=56)
+    square = fixed.preprocess_images(images)
+    rebuilt = patches_to_images(square, PatchLayout.of(fixed))
+    assert [im.size for im in rebuilt] == [(56, 56)] * 3
+    assert torch.equal(fixed.preprocess_images(rebuilt).pixel_values, square.pixel_values)
+    with pytest.raises(ValueError, match=r"give 24 patches but there are 8"):
+        patches_to_images(QwenImages(pixels.pixel_values[:8], pixels.grid_thw[:1]), layout)
 
 
 def test_request_to_prompts_collapses_placeholders_and_passes_images(model):
     layout = PatchLayout.of(model)
-    pixels = model.preprocess_images(_images(2, 2))
+    small, wide = _images(2, 1, size=(56, 56)), _images(3, 1, size=(30, 120))
+    first = model.preprocess_images(small)  # 4 image tokens
+    pixels = model.preprocess_images(small + wide)  # 4 + 4 image tokens (grids 4x4 and 2x8)
     vs, ve = 297, 298
     one = [1, vs, *[IMG] * 4, ve, 10]
     two = [1, vs, *[IMG] * 4, ve, vs, *[IMG] * 4, ve, 11]
-    req = RolloutRequest([one, two, [1, 12]], images=[[pixels[:1]], [pixels], []])
+    req = RolloutRequest([one, two, [1, 12]], images=[[first], [pixels], []])
     prompts = request_to_prompts(req, layout)
     assert prompts[0]["prompt_token_ids"] == [1, vs, IMG, ve, 10]
     assert prompts[1]["prompt_token_ids"] == [1, vs, IMG, ve, vs, IMG, ve, 11]
     assert prompts[2] == {"prompt_token_ids": [1, 12]}
     assert [len(p["multi_modal_data"]["image"]) for p in prompts[:2]] == [1, 2]
-    assert torch.equal(model.preprocess_images(prompts[1]["multi_modal_data"]["image"]), pixels)
-    # PIL images pass through; a mismatch between images and placeholders is named
-    pil = request_to_prompts(RolloutRequest([one], images=[_images(3, 1, size=(56, 56))]), layout)
-    assert pil[0]["multi_modal_data"]["image"][0].size == (56, 56)
+    again = model.preprocess_images(prompts[1]["multi_modal_data"]["image"])
+    assert torch.equal(again.pixel_values, pixels.pixel_values)
+    assert torch.equal(again.grid_thw, pixels.grid_thw)
+    # a mismatch between images and placeholders is named; raw PIL images are refused
     with pytest.raises(ValueError, match=r"placeholders for 1 image.*but 2"):
         request_to_prompts(RolloutRequest([one], images=[[pixels]]), layout)
+    with pytest.raises(TypeError, match="must be QwenImages"):
+        request_to_prompts(RolloutRequest([one], images=[small]), layout)
     with pytest.raises(ValueError, match="without a PatchLayout"):
-        request_to_prompts(RolloutRequest([one], images=[[pixels[:1]]]), None)
+        request_to_prompts(RolloutRequest([one], images=[[first]]), None)
 
 
 # --- sampling params ------------------------------------------------------------------------------
@@ -196,7 +211,8 @@ def test_sampling_kwargs_map_every_field():
 
 
 def test_llm_kwargs_for_colocated_spmd():
-    kw = VLLMBackend.llm_kwargs("/m", tensor_parallel_size=2, gpu_memory_utilization=0.4, image_size=448,
+    kw = VLLMBackend.llm_kwargs("/m", tensor_parallel_size=2, gpu_memory_utilization=0.4,
+                                image_pixels=(448 * 448, 448 * 448),
                                 max_images_per_prompt=1, max_model_len=2048, seed=5, dtype="bfloat16",
                                 enforce_eager=False, logprobs_mode="processed_logprobs")
     assert kw["distributed_executor_backend"] == "external_launcher"
@@ -205,7 +221,7 @@ def test_llm_kwargs_for_colocated_spmd():
     assert kw["limit_mm_per_prompt"] == {"image": 1, "video": 0}
     assert (kw["tensor_parallel_size"], kw["max_model_len"], kw["generation_config"]) == (2, 2048, "vllm")
     assert kw["logprobs_mode"] == "processed_logprobs"
-    old = dict(tensor_parallel_size=1, gpu_memory_utilization=0.5, image_size=None, max_images_per_prompt=1,
+    old = dict(tensor_parallel_size=1, gpu_memory_utilization=0.5, image_pixels=None, max_images_per_prompt=1,
                max_model_len=None, seed=0, dtype="bfloat16", enforce_eager=True)
     # vLLM 0.9.x (the pinned image) has no logprobs_mode: raw log-probs, the argument left out
     assert "logprobs_mode" not in VLLMBackend.llm_kwargs("/m", **old, logprobs_mode="raw_logprobs",
@@ -214,7 +230,7 @@ def test_llm_kwargs_for_colocated_spmd():
         VLLMBackend.llm_kwargs("/m", **old, logprobs_mode="processed_logprobs", vllm_version=(0, 10, 1))
     assert version_tuple("0.11.0rc2.dev5+gabc") == (0, 11, 0)
     with pytest.raises(ValueError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
-        VLLMBackend.llm_kwargs("/m", tensor_parallel_size=1, gpu_memory_utilization=1.5, image_size=None,
+        VLLMBackend.llm_kwargs("/m", tensor_parallel_size=1, gpu_memory_utilization=1.5, image_pixels=None,
                                max_images_per_prompt=1, max_model_len=None, seed=0, dtype="bfloat16",
                                enforce_eager=False, logprobs_mode="raw_logprobs")
 
@@ -222,7 +238,7 @@ def test_llm_kwargs_for_colocated_spmd():
 @pytest.mark.skipif(mcore_compat.have_vllm(), reason="vLLM is installed")
 def test_backend_without_vllm_names_the_fix():
     with pytest.raises(mcore_compat.MissingDependencyError, match="vLLM is needed"):
-        VLLMBackend("/m", tensor_parallel_size=1, gpu_memory_utilization=0.5, image_size=None)
+        VLLMBackend("/m", tensor_parallel_size=1, gpu_memory_utilization=0.5, image_pixels=None)
 
 
 def test_check_consecutive_tp():
@@ -409,8 +425,9 @@ class DelegatingBackend(FakeBackend):
         outs = []
         for prompt, kw in zip(prompts, sampling):
             ids, images = [], prompt.get("multi_modal_data", {}).get("image", [])
+            counts = iter([self.model.num_image_tokens((im.height, im.width)) for im in images])
             for t in prompt["prompt_token_ids"]:
-                ids.extend([t] * (layout.tokens_per_image if t == layout.image_token_id else 1))
+                ids.extend([t] * (next(counts) if t == layout.image_token_id else 1))
             pixels = [[self.model.preprocess_images(images)]] if images else None
             params = SamplingParams(n=kw["n"], temperature=kw["temperature"], top_p=kw["top_p"],
                                     top_k=kw["top_k"], max_new_tokens=kw["max_tokens"],
@@ -444,7 +461,8 @@ def test_trainer_rl_step_with_a_fake_vllm(hf_dir, pg, tmp_path, monkeypatch):
         "rollout.vllm_sync_bucket_mb=1"])
     parts = trainer.build_parts(cfg, pg)
     trainer.init_weights(parts, cfg, pg)
-    assert seen["hf_path"] == str(hf) and seen["tensor_parallel_size"] == 1 and seen["image_size"] == 56
+    assert seen["hf_path"] == str(hf) and seen["tensor_parallel_size"] == 1
+    assert seen["image_pixels"] == (56 * 56, 56 * 56)
     assert seen["max_model_len"] == cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
     fake.model = parts.model_chunks[0]
     fake.delegate = MegatronRolloutEngine(
