@@ -2,7 +2,7 @@
 word-level tokenizer and processor), vLLM started with dummy weights, the Megatron model's weights
 synced in (timed, printed), images + expanded placeholders generated from, and vLLM's sampled-token
 log-probs (temperature 1, no top-k / top-p) equal to the trainer's recomputed ones within bf16
-tolerance. Run: pytest -m gpu tests/gpu/test_vllm_engine.py -s"""
+tolerance. Run: pytest -m gpu tests/gpu/test_vllm_engine_gpu.py -s"""
 
 import os
 
