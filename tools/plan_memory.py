@@ -85,7 +85,8 @@ def run_from_config(cfg: Any, gpus: int | None) -> dict[str, Any]:
         recompute=cfg.model.recompute_activations, distributed_optimizer=par.use_distributed_optimizer,
         reference_model=loss.ref_kl_coef > 0,
         masked_grad=loss.uses_masked_branch and (loss.masked_grad or loss.needs_logits),
-        vllm_mode="colocated" if cfg.rollout.engine == "vllm" else "none",
+        # the vLLM engine always sleeps during the update (rollout.vllm_sleep_level 1 or 2)
+        vllm_mode="sleep" if cfg.rollout.engine == "vllm" else "none",
         vllm_gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
     if gpus is not None:
         if gpus % mp:
