@@ -84,6 +84,9 @@ class ModelConfig:
     """Layer specs: auto = Transformer Engine when it imports, else megatron-core local specs."""
     recompute_activations: bool = False
     """Full activation recomputation in the transformer layers."""
+    freeze_vision_tower: bool = False
+    """Train the language model only: the vision encoder (and its projector / patch merger) keeps
+    its initial weights (no gradients, no optimizer state for it)."""
     image_size: int | None = None
     """Fixed resolution: images are resized to image_size x image_size before the vision encoder
     (None = the model's default: 64 for tiny_vlm; dynamic resolution for qwen2_5_vl, where a

@@ -176,9 +176,12 @@ def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
     tok = build_tokenizer(cfg)
 
     def make_model() -> torch.nn.Module:
-        return build_model(cfg.model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
-                           pre_process=pg.is_first_pp_stage, post_process=pg.is_last_pp_stage,
-                           seed=cfg.train.seed)
+        model = build_model(cfg.model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
+                            pre_process=pg.is_first_pp_stage, post_process=pg.is_last_pp_stage,
+                            seed=cfg.train.seed)
+        if cfg.model.freeze_vision_tower:
+            model.freeze_vision()  # before DDP / the optimizer: they only take trainable parameters
+        return model
 
     chunks = [make_model()]
     ddp_chunks, optimizer = build_optimizer(chunks, cfg.train, cfg.parallel,

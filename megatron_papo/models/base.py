@@ -115,6 +115,19 @@ class VisionLanguageModel(MegatronModule):
         """pixel_values from :meth:`preprocess_images` -> image features [N_img * tokens, H] (first stage)."""
         raise NotImplementedError
 
+    def vision_modules(self) -> list[torch.nn.Module]:
+        """The vision encoder and its projector (empty on later pipeline stages)."""
+        return [m for name, m in self.named_children() if name != "language_model"]
+
+    def freeze_vision(self) -> int:
+        """Stop training the vision side (``model.freeze_vision_tower``); returns the parameters frozen."""
+        count = 0
+        for module in self.vision_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
+                count += p.numel()
+        return count
+
     def embed(self, input_ids: Tensor, position_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
         """First stage: text embeddings [S, B, H] with the image-token rows replaced by image features.
 

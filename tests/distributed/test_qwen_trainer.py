@@ -47,3 +47,25 @@ def test_papo_steps_on_tiny_qwen_then_export(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     Qwen2_5_VLForConditionalGeneration.from_pretrained(str(back))
+
+
+def test_frozen_vision_tower_keeps_its_weights(tmp_path):
+    """model.freeze_vision_tower=true: one PAPO step changes the language model, not the vision tower."""
+    from megatron_papo.testing.tiny_qwen import easy_vqa_overrides, make_tiny_qwen2_5_vl
+
+    hf = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=12, **easy_vqa_overrides())
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "megatron_papo.train", "--config", "examples/tiny_qwen2_5_vl_papo_g.yaml",
+           f"model.hf_path={hf}", f"checkpoint.init_weights={hf}", f"checkpoint.dir={run}/ckpt",
+           f"logging.dir={run}", "train.steps=1", "evaluation.interval=-1", "model.freeze_vision_tower=true",
+           "logging.progress_bar=false", "logging.tensorboard=false"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    back = tmp_path / "back"
+    conv = subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--megatron", str(run / "ckpt"),
+                           "--out", str(back)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    before, after = load_file(str(hf / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    vision = [k for k in before if k.startswith("visual.")]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.layers."))
