@@ -162,6 +162,8 @@ class RolloutConfig:
     """vLLM only: prompt + response token limit; None = data.max_prompt_length + max_new_tokens."""
     vllm_enforce_eager: bool = False
     """vLLM only: no CUDA graphs (slower decoding, faster start, less memory)."""
+    vllm_max_images_per_prompt: int = 0
+    """vLLM only: images one prompt may carry (limit_mm_per_prompt); 0 = the training data's maximum."""
     vllm_sleep_level: int = 2
     """vLLM only: 2 = weights and KV cache discarded while training (each step re-syncs all
     weights); 1 = weights kept in CPU memory."""
@@ -494,6 +496,9 @@ def _validate_vllm(cfg: PapoConfig) -> None:
     if not 0 < ro.gpu_memory_utilization <= 1:
         raise ConfigError(f"rollout.gpu_memory_utilization: expected a value in (0, 1], got "
                           f"{ro.gpu_memory_utilization}")
+    if ro.vllm_max_images_per_prompt < 0:
+        raise ConfigError(f"rollout.vllm_max_images_per_prompt: expected >= 0 (0 = the data's maximum), got "
+                          f"{ro.vllm_max_images_per_prompt}")
     if ro.vllm_sleep_level not in (1, 2):
         raise ConfigError(f"rollout.vllm_sleep_level: expected 1 or 2, got {ro.vllm_sleep_level}")
     if ro.vllm_logprobs_mode not in ("processed_logprobs", "raw_logprobs"):

@@ -88,6 +88,7 @@ def convert_hf_to_megatron(hf_path: str | Path, out: str | Path, pg: ProcessGrou
     reader = SafetensorsReader(hf_path)
     model = build_for_conversion(hf_path, pg, precision=precision)
     load_hf_weights(model, reader)
+    check_all_hf_tensors_used(reader, [model], pg)
     state = {"step": 0, "phase": "rl", "converted_from": str(Path(hf_path).resolve()),
              "precision": _PRECISIONS[next(model.parameters()).dtype]}
     path = save_checkpoint(out, 0, [model], None, state, pg, keep_last=0)
@@ -95,6 +96,23 @@ def convert_hf_to_megatron(hf_path: str | Path, out: str | Path, pg: ProcessGrou
         copy_hf_side_files(hf_path, Path(out) / HF_CONFIG_DIR)
     barrier(pg.world)
     return path
+
+
+def check_all_hf_tensors_used(reader: Any, model_chunks: list[torch.nn.Module], pg: ProcessGroups) -> None:
+    """HFCheckpointError naming the checkpoint's tensors that no rank's model read (collective over
+    the pipeline group): a config that does not describe these weights (e.g. tie_word_embeddings
+    set while the folder holds an lm_head) would otherwise drop them silently."""
+    from megatron_papo.models.hf_qwen2_5_vl import HFCheckpointError, unused_hf_tensors
+
+    unused = set(unused_hf_tensors(reader, model_chunks))
+    if pg.pp_size > 1:
+        every: list[Any] = [None] * pg.pp_size
+        dist.all_gather_object(every, sorted(unused), group=pg.pp)
+        unused = set.intersection(*(set(u) for u in every))
+    if unused:
+        names = sorted(unused)
+        raise HFCheckpointError(f"{reader.folder}: {len(names)} tensors are not used by the model its "
+                                f"config.json describes, e.g. {names[:3]}")
 
 
 def find_hf_config(megatron_path: str | Path) -> Path:

@@ -139,7 +139,8 @@ def vllm_backend_factory(hf_path: str, **kwargs: Any) -> Any:
 _VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def build_vllm_engine(cfg: PapoConfig, pg: ProcessGroups, tok: Tokenizer, model: torch.nn.Module) -> Any:
+def build_vllm_engine(cfg: PapoConfig, pg: ProcessGroups, tok: Tokenizer, model: torch.nn.Module,
+                      max_images_per_prompt: int = 1) -> Any:
     """rollout.engine=vllm: one colocated vLLM per tensor-parallel group (vLLM TP = parallel.tp),
     dummy weights until the first sync (megatron_papo/rollout/vllm_engine.py)."""
     from megatron_papo.rollout.vllm_engine import PatchLayout, VLLMRolloutEngine, check_consecutive_tp
@@ -152,12 +153,17 @@ def build_vllm_engine(cfg: PapoConfig, pg: ProcessGroups, tok: Tokenizer, model:
     backend = vllm_backend_factory(
         cfg.model.hf_path, tensor_parallel_size=pg.tp_size, gpu_memory_utilization=ro.gpu_memory_utilization,
         image_pixels=(model.min_pixels, model.max_pixels),
+        max_images_per_prompt=max(1, ro.vllm_max_images_per_prompt or max_images_per_prompt),
         max_model_len=ro.vllm_max_model_len or cfg.data.max_prompt_length + ro.max_new_tokens,
         seed=cfg.train.seed, dtype=_VLLM_DTYPES[cfg.model.precision], enforce_eager=ro.vllm_enforce_eager,
         logprobs_mode=ro.vllm_logprobs_mode)
+    # the output layer's rows beyond the tokenizer (HF config vocab > len(tokenizer)) are never
+    # sampled: the trainer's log-probs cover the tokenizer's ids only
+    banned = never_generate_ids(tok) + list(range(tok.vocab_size, model.vocab_size))
     return VLLMRolloutEngine(backend, eos_id=tok.eos_id, layout=PatchLayout.of(model),
-                             banned_token_ids=never_generate_ids(tok), logprobs_mode=ro.vllm_logprobs_mode,
-                             sleep_level=ro.vllm_sleep_level, bucket_bytes=ro.vllm_sync_bucket_mb << 20)
+                             banned_token_ids=banned, logprobs_mode=ro.vllm_logprobs_mode,
+                             sleep_level=ro.vllm_sleep_level, bucket_bytes=ro.vllm_sync_bucket_mb << 20,
+                             pp_group=pg.pp if pg.pp_size > 1 else None)
 
 
 def _split_sft(num: int, cfg: PapoConfig) -> tuple[list[int], list[int]]:
@@ -199,7 +205,7 @@ def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
     sampler = PromptSampler(len(rl_idx), cfg.rollout.prompts_per_step, seed=cfg.train.seed,
                             shuffle=cfg.data.shuffle, dp_rank=pg.dp_rank, dp_size=pg.dp_size)
     if cfg.rollout.engine == "vllm":
-        engine: RolloutEngine = build_vllm_engine(cfg, pg, tok, model)
+        engine: RolloutEngine = build_vllm_engine(cfg, pg, tok, model, dataset.max_images)
     else:
         engine = MegatronRolloutEngine(pipeline_forward_fn(chunks, pg, never_generate_ids(tok)),
                                        tp_group=pg.tp, vocab_size=tok.vocab_size,
@@ -402,7 +408,8 @@ def is_hf_folder(path: str | Path) -> bool:
 
 def init_weights(parts: Parts, cfg: PapoConfig, pg: ProcessGroups) -> None:
     """checkpoint.init_weights: a project checkpoint (model weights only) or a Hugging Face
-    folder (each rank reads its own TP/PP shards; the policy's and the reference's weights)."""
+    folder (each rank reads its own TP/PP shards). The reference model copies the policy when
+    RL starts."""
     from megatron_papo.checkpointing import load_checkpoint
 
     path = cfg.checkpoint.init_weights
@@ -410,11 +417,13 @@ def init_weights(parts: Parts, cfg: PapoConfig, pg: ProcessGroups) -> None:
         if cfg.model.name != "qwen2_5_vl":
             raise ValueError(f"checkpoint.init_weights={path} is a Hugging Face folder, which only "
                              f"model.name=qwen2_5_vl reads (model.name is {cfg.model.name!r})")
+        from megatron_papo.convert import check_all_hf_tensors_used
         from megatron_papo.models.hf_qwen2_5_vl import SafetensorsReader, load_hf_weights
 
         reader = SafetensorsReader(path)
         for chunk in parts.model_chunks:
             load_hf_weights(chunk, reader)
+        check_all_hf_tensors_used(reader, parts.model_chunks, pg)
         with torch.no_grad():
             parts.optimizer.reload_model_params()  # bf16: refresh the fp32 main params
         return

@@ -279,6 +279,11 @@ class PromptDataset:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def max_images(self) -> int:
+        """The most images one kept row has."""
+        return max((len(e.images) for e in self._entries), default=0)
+
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
 
@@ -290,10 +295,11 @@ class PromptDataset:
             entry = self._entries[(index + offset) % len(self)]
             try:
                 images = [_read_image(ref) for ref in entry.images]
+                return self._sample(entry, images, index)
             except _Skip as skip:
                 self._record(skip, entry.where)
-                continue
-            return self._sample(entry, images, index)
+            except ValueError as e:  # an image replaced since the build by one the model refuses
+                self._record(_Skip("unsupported_image", str(e)), entry.where)
         raise DataError(f"no image of the dataset could be read any more: {self.stats.summary()}")
 
     def _sample(self, entry: _Entry, images: list[Any], index: int) -> Sample:

@@ -59,6 +59,7 @@ __all__ = [
     "iter_hf_tensors",
     "load_hf_weights",
     "normalize_hf_name",
+    "unused_hf_tensors",
 ]
 
 LM = "language_model."
@@ -305,6 +306,13 @@ def load_hf_weights(model: torch.nn.Module, reader: SafetensorsReader) -> dict[s
     return {"tensors": count, "hf_tensors": len(used)}
 
 
+def unused_hf_tensors(reader: SafetensorsReader, model_chunks: Sequence[torch.nn.Module]) -> list[str]:
+    """HF tensors none of this rank's chunks read (on one rank of a multi-stage pipeline, the
+    other stages' tensors are among them); e.g. an ``lm_head.weight`` next to a tied config."""
+    used = {n for chunk in model_chunks for key in _weight_keys(chunk) for n in hf_names_for(key, chunk)}
+    return [n for n in reader.names() if n not in used]
+
+
 # ---------------------------------------------------------------------------------------------
 # Exporting
 # ---------------------------------------------------------------------------------------------
@@ -319,9 +327,8 @@ def _owned_items(chunk: Any) -> list[tuple[str, list[str], list[tuple[int, ...]]
             continue  # tied: the embedding is exported (HF has no lm_head tensor then)
         names = hf_names_for(key, chunk)
         local = state[key]
-        fake = [local] * tp  # shapes only: full_to_hf on zero-size-free views of the shard shape
-        shapes = [tuple(t.shape) for t in full_to_hf(key, [torch.empty_like(s, device="meta") for s in fake],
-                                                        chunk)]
+        meta = [torch.empty_like(local, device="meta")] * tp  # shapes only, no data
+        shapes = [tuple(t.shape) for t in full_to_hf(key, meta, chunk)]
         out.append((key, names, shapes, str(local.dtype).removeprefix("torch.")))
     return out
 
@@ -337,20 +344,21 @@ def iter_hf_tensors(model_chunks: Sequence[torch.nn.Module], pg: Any) -> Iterato
         pg: :class:`megatron_papo.distributed.ProcessGroups` (tp, pp groups and ranks).
     """
     _, tp, tp_group = _tp_info()
+    # (chunk index, item): with virtual pipeline stages two chunks share local key names
     mine = [(ci, item) for ci, chunk in enumerate(model_chunks) for item in _owned_items(chunk)]
     if pg.pp_size > 1:  # every stage learns every stage's items, in stage order
         gathered: list[Any] = [None] * pg.pp_size
-        dist.all_gather_object(gathered, [item for _, item in mine], group=pg.pp)
-        plan = [(stage, item) for stage, items in enumerate(gathered) for item in items]
+        dist.all_gather_object(gathered, mine, group=pg.pp)
+        plan = [(stage, ci, item) for stage, items in enumerate(gathered) for ci, item in items]
         pp_ranks = dist.get_process_group_ranks(pg.pp)
     else:
-        plan = [(0, item) for _, item in mine]
+        plan = [(0, ci, item) for ci, item in mine]
         pp_ranks = []
-    local_chunk = {item[0]: model_chunks[ci] for ci, item in mine}
-    for stage, (key, names, shapes, dtype) in plan:
+    states = [chunk.state_dict() for chunk in model_chunks]  # views of the parameters, taken once
+    for stage, ci, (key, names, shapes, dtype) in plan:
         if stage == pg.pp_rank:
-            chunk = local_chunk[key]
-            local = chunk.state_dict()[key].detach()
+            chunk = model_chunks[ci]
+            local = states[ci][key].detach()
             if tp > 1 and not _replicated(key):
                 shards = [torch.empty_like(local) for _ in range(tp)]
                 dist.all_gather(shards, local.contiguous(), group=tp_group)
@@ -422,10 +430,14 @@ def export_hf_checkpoint(model_chunks: Sequence[torch.nn.Module], pg: Any, out_d
 
     write = (not dist.is_initialized() or dist.get_rank() == 0) if write is None else write
     out = Path(out_dir)
+    if out.resolve() == Path(config_dir).resolve():
+        raise HFCheckpointError(f"{out}: the export would overwrite the Hugging Face folder it takes its "
+                                "config from; choose another --out")
+    staging = out / ".export_tmp"  # shards go here; the previous export stays until the end
     if write:
-        out.mkdir(parents=True, exist_ok=True)
-        for old in out.glob("model*.safetensors*"):
-            old.unlink()
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
     shard: dict[str, Tensor] = {}
     size = total = count = 0
     written: list[tuple[str, list[str]]] = []
@@ -434,7 +446,7 @@ def export_hf_checkpoint(model_chunks: Sequence[torch.nn.Module], pg: Any, out_d
         nonlocal shard, size
         if shard and write:
             name = f"part-{len(written):05d}.safetensors"
-            save_file({k: v.cpu() for k, v in shard.items()}, str(out / name), metadata={"format": "pt"})
+            save_file({k: v.cpu() for k, v in shard.items()}, str(staging / name), metadata={"format": "pt"})
             written.append((name, list(shard)))
         elif shard:
             written.append(("", list(shard)))
@@ -444,7 +456,8 @@ def export_hf_checkpoint(model_chunks: Sequence[torch.nn.Module], pg: Any, out_d
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > max_shard_bytes:
             flush()
-        shard[name] = tensor
+        # ranks that do not write keep only the name (their tensors are freed at once)
+        shard[name] = tensor if write else torch.empty(0)
         size += nbytes
         total += nbytes
         count += 1
@@ -455,10 +468,15 @@ def export_hf_checkpoint(model_chunks: Sequence[torch.nn.Module], pg: Any, out_d
     if write:
         weight_map = {}
         for (tmp, names), final in zip(written, finals, strict=True):
-            os.replace(out / tmp, out / final)
+            os.replace(staging / tmp, staging / final)
             weight_map.update({k: final for k in names})
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        copy_hf_side_files(config_dir, out)
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        copy_hf_side_files(config_dir, staging)
+        for old in out.glob("model*.safetensors*"):  # only now is the previous export replaced
+            old.unlink()
+        for f in staging.iterdir():
+            os.replace(f, out / f.name)
+        staging.rmdir()
     return {"tensors": count, "bytes": total, "shards": finals}

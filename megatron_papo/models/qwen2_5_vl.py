@@ -210,6 +210,8 @@ def qwen_mrope_positions(input_ids: Tensor, position_ids: Tensor, image_token_id
             raise ValueError(f"{flat_img.numel()} image tokens are not a whole number of {per}-token images")
         grids = torch.tensor([grids] * (flat_img.numel() // per), device=device)
     grids = grids.to(device=device, dtype=torch.long)
+    if grids.shape[0] == 0:
+        raise ValueError(f"the text holds {flat_img.numel()} image tokens but no image grids were given")
     sizes = grids[:, 0] * grids[:, 1]  # [N] tokens per image
     ends = torch.cumsum(sizes, 0)  # [N] exclusive end ordinal of each image
     ordinal = torch.arange(flat_img.numel(), device=device)
@@ -218,6 +220,12 @@ def qwen_mrope_positions(input_ids: Tensor, position_ids: Tensor, image_token_id
     if int(ends[-1]) != flat_img.numel():
         raise ValueError(f"the text holds {flat_img.numel()} image tokens but the images' grids give "
                          f"{int(ends[-1])}")
+    seq = pos.shape[1]
+    first_row = (flat_img[ends - sizes] // seq)[image_of]  # row of each token's image's first token
+    split = bool((flat_img // seq != first_row).any())
+    if split or bool((flat_img[ends - 1] - flat_img[ends - sizes] != sizes - 1).any()):
+        raise ValueError("an image's placeholder tokens must be one unbroken run within one row "
+                         f"(grids {grids.tolist()})")
     delta = torch.maximum(grids[:, 0], grids[:, 1]) - sizes  # [N] position shift after image k
     # the shift of image k lands on the token after its last one: exclusive cumsum per row
     delta_at = torch.zeros(pos.numel(), dtype=torch.long, device=device)
@@ -375,7 +383,20 @@ class Qwen25VL(VisionLanguageModel):
                 pre_process=pre_process, post_process=post_process,
                 share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="mrope",
                 rotary_base=arch.rope_theta, vp_stage=vp_stage)
-        self.to(torch_dtype(precision))
+        self._to_keeping_fp32_buffers(torch_dtype(precision))
+
+    def _to_keeping_fp32_buffers(self, dtype: torch.dtype) -> None:
+        """Cast parameters to ``dtype`` but keep the vision tower's float buffers (its rope
+        frequencies) in fp32, as transformers and vLLM do: in bf16 they would be off by ~1e-3."""
+        saved = {} if self.visual is None else {
+            (id(m), name): buf.clone() for m in self.visual.modules() for name, buf in m._buffers.items()
+            if buf is not None and buf.is_floating_point()}
+        self.to(dtype)
+        if self.visual is not None:
+            for m in self.visual.modules():
+                for name in list(m._buffers):
+                    if (id(m), name) in saved:
+                        m._buffers[name] = saved[(id(m), name)].to(m._buffers[name].device)
 
     # --- interface -------------------------------------------------------------------------
     def resized_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:

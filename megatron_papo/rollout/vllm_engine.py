@@ -175,7 +175,16 @@ def patches_to_images(images: Any, layout: PatchLayout) -> list[Any]:
     sizes = [t * h * w for t, h, w in grids]
     if sum(sizes) != values.shape[0]:
         raise ValueError(f"the grids {grids} give {sum(sizes)} patches but there are {values.shape[0]}")
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
     ps, m, tp = layout.patch_size, layout.merge_size, layout.temporal_patch_size
+    for _, h, w in grids:  # vLLM's processor must leave the rebuilt size alone (same patches)
+        again = smart_resize(h * ps, w * ps, factor=ps * m, min_pixels=layout.min_pixels,
+                             max_pixels=layout.max_pixels)
+        if tuple(again) != (h * ps, w * ps):
+            raise ValueError(f"an image resized to {h * ps}x{w * ps} would be resized again to {again} by "
+                             f"vLLM's processor (min_pixels={layout.min_pixels}, max_pixels="
+                             f"{layout.max_pixels} are too tight for it); widen model.min_pixels/max_pixels")
     mean = torch.tensor(layout.image_mean).view(3, 1, 1)
     std = torch.tensor(layout.image_std).view(3, 1, 1)
     out = []
@@ -474,6 +483,7 @@ class VLLMRolloutEngine:
         sleep_level: 2 discards the weights on ``release`` (every sync rewrites them all); 1 keeps a
             CPU copy (``resume`` without a sync then restores them).
         bucket_bytes: default weight-sync bucket size.
+        pp_group: the pipeline group (None without pipeline parallelism), see ``pp_group`` below.
 
     State: after construction vLLM holds dummy weights and is awake. ``release`` puts both tags to
     sleep; ``sync_weights`` wakes "weights" and loads; ``resume`` wakes "kv_cache" (and, at level 1,
@@ -482,7 +492,7 @@ class VLLMRolloutEngine:
 
     def __init__(self, backend: Backend, *, eos_id: int, layout: PatchLayout | None = None,
                  banned_token_ids: Sequence[int] = (), logprobs_mode: LogprobsMode = "raw_logprobs",
-                 sleep_level: int = 2, bucket_bytes: int = 1 << 30) -> None:
+                 sleep_level: int = 2, bucket_bytes: int = 1 << 30, pp_group: Any = None) -> None:
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         self.backend = backend
@@ -492,6 +502,9 @@ class VLLMRolloutEngine:
         self.logprobs_mode = logprobs_mode
         self.sleep_level = sleep_level
         self.bucket_bytes = bucket_bytes
+        self.pp_group = pp_group
+        """With pipeline parallelism: the first stage's vLLM generates and its result is broadcast to
+        the other stages (every stage must train on the same tokens)."""
         self.asleep: set[str] = set()
         """Memory tags now released ("weights", "kv_cache")."""
         self.weights_synced = False
@@ -559,6 +572,16 @@ class VLLMRolloutEngine:
             raise RuntimeError(f"vLLM is asleep ({sorted(self.asleep)}): call sync_weights / resume first")
         if not self.weights_synced:
             raise RuntimeError("vLLM still holds its dummy weights: call sync_weights before generate")
+        if self.pp_group is not None:
+            import torch.distributed as dist
+
+            box: list[Any] = [self._generate(request, params) if dist.get_rank(self.pp_group) == 0 else None]
+            dist.broadcast_object_list(box, src=dist.get_process_group_ranks(self.pp_group)[0],
+                                       group=self.pp_group)
+            return box[0]
+        return self._generate(request, params)
+
+    def _generate(self, request: RolloutRequest, params: SamplingParams) -> RolloutResult:
         start = time.perf_counter()
         prompts = request_to_prompts(request, self.layout)
         kwargs = sampling_kwargs(params, num_prompts=len(request), eos_id=self.eos_id,

@@ -1,6 +1,7 @@
 """The vLLM weight sync on 2 gloo ranks, in ONE spawned run: with TP=2 and then PP=2 every rank of
 the model-parallel group hands its (fake) vLLM the same full Hugging Face tensors, bit-identical to
-the source folder (vLLM's loaders then cut each rank's shard)."""
+the source folder (vLLM's loaders then cut each rank's shard). With PP=2 only the first stage's
+vLLM generates and every stage gets its responses."""
 
 import pytest
 import torch
@@ -29,6 +30,19 @@ class _RecordingBackend:
     def reset_prefix_cache(self):
         pass
 
+    def generate(self, prompts, sampling):
+        """Rank-dependent tokens: a stage that generated for itself would differ from stage 0."""
+        from types import SimpleNamespace
+
+        import torch.distributed as dist
+
+        self.calls.append("generate")
+        tok = 10 + dist.get_rank()
+        return [SimpleNamespace(outputs=[SimpleNamespace(index=k, token_ids=[tok, 2], finish_reason="stop",
+                                                         logprobs=[{tok: SimpleNamespace(logprob=-1.0)},
+                                                                   {2: SimpleNamespace(logprob=-0.5)}])
+                                         for k in range(kw["n"])]) for kw in sampling]
+
 
 def _run(rank: int, world: int, hf_dir: str, work: str) -> dict:
     from pathlib import Path
@@ -47,10 +61,17 @@ def _run(rank: int, world: int, hf_dir: str, work: str) -> dict:
         model = build_for_conversion(hf_dir, pg)
         load_checkpoint(Path(work) / "tp2", [model], None, pg, load_optimizer=False, load_rng=False)
         backend = _RecordingBackend()
-        engine = VLLMRolloutEngine(backend, eos_id=2)
+        engine = VLLMRolloutEngine(backend, eos_id=2, pp_group=pg.pp if layout == "pp2" else None)
         engine.release()
         stats = engine.sync_weights([model], pg, bucket_bytes=256 * 1024)
         out[layout] = {"loaded": backend.loaded, "buckets": stats["buckets"], "calls": backend.calls[:2]}
+        if layout == "pp2":
+            from megatron_papo.rollout import RolloutRequest, SamplingParams
+
+            engine.resume()
+            res = engine.generate(RolloutRequest([[1, 5, 6]], images=[[]]), SamplingParams(n=2, seed=3))
+            out["pp2_responses"] = res.response_ids
+            out["pp2_generated_here"] = backend.calls.count("generate")
     return out
 
 
@@ -72,3 +93,5 @@ def test_every_model_parallel_rank_receives_the_full_tensors(tmp_path):
                 assert same, f"rank {rank} {layout}: {name} differs from the HF file"
             assert out[layout]["buckets"] > 3
             assert out[layout]["calls"][:2] == [2, ("weights",)]  # slept, then only the weights woke
+        assert [list(r) for r in out["pp2_responses"]] == [[10, 2], [10, 2]]  # stage 0's (rank 0's)
+        assert out["pp2_generated_here"] == (1 if rank == 0 else 0)

@@ -327,3 +327,38 @@ def test_hf_tokenizer_wraps_images_in_vision_tokens(tmp_path):
     assert chat[0] == 1 and chat.count(5) == 4 and chat[-1] not in (tok.eos_id,)  # <|im_start|> ... assistant
     with pytest.raises(FileNotFoundError, match="not a Hugging Face tokenizer folder"):
         HFTokenizer(tmp_path)
+
+
+# --- review fixes -------------------------------------------------------------------------------
+def test_bf16_model_keeps_the_vision_rope_frequencies_in_fp32(hf_dir, pg):
+    from megatron_papo.convert import build_for_conversion
+
+    fp32 = build_for_conversion(hf_dir, pg, precision="fp32")
+    bf16 = build_for_conversion(hf_dir, pg, precision="bf16")
+    assert bf16.visual.patch_embed.proj.weight.dtype == torch.bfloat16
+    buffers = dict(bf16.visual.named_buffers())
+    assert buffers, "the vision tower has rope buffers"
+    for name, buf in fp32.visual.named_buffers():
+        assert buffers[name].dtype == torch.float32 and torch.equal(buffers[name], buf), name
+
+
+def test_unused_hf_tensors_and_self_overwrite_are_refused(hf_dir, converted, pg, tmp_path):
+    from megatron_papo.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_papo.models.hf_qwen2_5_vl import HFCheckpointError
+
+    extra = tmp_path / "extra"
+    shutil.copytree(hf_dir, extra)
+    tensors = load_file(str(extra / "model.safetensors"))
+    tensors["model.layers.99.mlp.up_proj.weight"] = torch.zeros(2, 2)  # a layer the config lacks
+    save_file(tensors, str(extra / "model.safetensors"))
+    with pytest.raises(HFCheckpointError, match=r"1 tensors are not used .*layers\.99"):
+        convert_hf_to_megatron(extra, tmp_path / "out", pg)
+    # the export never overwrites the folder it takes its config from, and keeps an old export
+    # until the new one is complete
+    with pytest.raises(HFCheckpointError, match="would overwrite"):
+        convert_megatron_to_hf(converted, hf_dir, pg, hf_config=hf_dir)
+    out = tmp_path / "back"
+    convert_megatron_to_hf(converted, out, pg, max_shard_bytes=1 << 18)
+    convert_megatron_to_hf(converted, out, pg)  # one file now: the shards and index are replaced
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert not (out / ".export_tmp").exists()

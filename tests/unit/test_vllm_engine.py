@@ -462,7 +462,9 @@ def test_trainer_rl_step_with_a_fake_vllm(hf_dir, pg, tmp_path, monkeypatch):
     parts = trainer.build_parts(cfg, pg)
     trainer.init_weights(parts, cfg, pg)
     assert seen["hf_path"] == str(hf) and seen["tensor_parallel_size"] == 1
-    assert seen["image_pixels"] == (56 * 56, 56 * 56)
+    assert seen["image_pixels"] == (56 * 56, 56 * 56) and seen["max_images_per_prompt"] == 1
+    extra_rows = set(range(parts.tokenizer.vocab_size, parts.model_chunks[0].vocab_size))
+    assert extra_rows and extra_rows <= set(parts.engine.banned_token_ids)  # never sampled
     assert seen["max_model_len"] == cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
     fake.model = parts.model_chunks[0]
     fake.delegate = MegatronRolloutEngine(
@@ -503,3 +505,13 @@ def test_vllm_config_errors_name_the_field(override, message):
     load_config(path, ["rollout.engine=vllm"])  # valid without vLLM installed
     with pytest.raises(ConfigError, match=message):
         load_config(path, ["rollout.engine=vllm", override])
+
+
+def test_rebuilt_images_that_vllm_would_resize_again_are_refused(model):
+    from dataclasses import replace
+
+    layout = PatchLayout.of(model)
+    pixels = model.preprocess_images(_images(0, 1, size=(56, 84)))  # 56 x 84 -> 2 x 3 tokens
+    tight = replace(layout, min_pixels=56 * 84 + 1, max_pixels=56 * 84 + 100)
+    with pytest.raises(ValueError, match=r"would be resized again .*widen model.min_pixels"):
+        patches_to_images(pixels, tight)
