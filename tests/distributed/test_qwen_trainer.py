@@ -16,17 +16,27 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _train_then_export(hf: Path, tmp_path: Path, *overrides: str) -> tuple[Path, Path]:
+    """Run the tiny Qwen example from the HF folder ``hf``, then export its last checkpoint to HF.
+    Returns (run dir, exported HF folder)."""
+    run, back = tmp_path / "run", tmp_path / "back"
+    cmd = [sys.executable, "-m", "megatron_papo.train", "--config", "examples/tiny_qwen2_5_vl_papo_g.yaml",
+           f"model.hf_path={hf}", f"checkpoint.init_weights={hf}", f"checkpoint.dir={run}/ckpt",
+           f"logging.dir={run}", "logging.progress_bar=false", "logging.tensorboard=false", *overrides]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    conv = subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--megatron", str(run / "ckpt"),
+                           "--out", str(back)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    return run, back
+
+
 def test_papo_steps_on_tiny_qwen_then_export(tmp_path):
     from megatron_papo.testing.tiny_qwen import easy_vqa_overrides, make_tiny_qwen2_5_vl
 
     hf = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=11, **easy_vqa_overrides())
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "megatron_papo.train", "--config", "examples/tiny_qwen2_5_vl_papo_g.yaml",
-           f"model.hf_path={hf}", f"checkpoint.init_weights={hf}", f"checkpoint.dir={run}/ckpt",
-           f"logging.dir={run}", "train.steps=3", "evaluation.num_prompts=4", "evaluation.k=1",
-           "logging.progress_bar=false", "logging.tensorboard=false"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run, back = _train_then_export(hf, tmp_path, "train.steps=3", "evaluation.num_prompts=4",
+                                   "evaluation.k=1")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "kl_prcp" in r]
     assert len(steps) == 3
@@ -35,10 +45,6 @@ def test_papo_steps_on_tiny_qwen_then_export(tmp_path):
                                                                  "grad_norm"))
         assert r["kl_prcp"] > 0 and r["grad_norm"] > 0  # the masked branch differs; gradients flow
 
-    back = tmp_path / "back"
-    conv = subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--megatron", str(run / "ckpt"),
-                           "--out", str(back)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert conv.returncode == 0, conv.stderr[-3000:]
     before, after = load_file(str(hf / "model.safetensors")), load_file(str(back / "model.safetensors"))
     assert sorted(before) == sorted(after)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -54,17 +60,8 @@ def test_frozen_vision_tower_keeps_its_weights(tmp_path):
     from megatron_papo.testing.tiny_qwen import easy_vqa_overrides, make_tiny_qwen2_5_vl
 
     hf = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=12, **easy_vqa_overrides())
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "megatron_papo.train", "--config", "examples/tiny_qwen2_5_vl_papo_g.yaml",
-           f"model.hf_path={hf}", f"checkpoint.init_weights={hf}", f"checkpoint.dir={run}/ckpt",
-           f"logging.dir={run}", "train.steps=1", "evaluation.interval=-1", "model.freeze_vision_tower=true",
-           "logging.progress_bar=false", "logging.tensorboard=false"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    back = tmp_path / "back"
-    conv = subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--megatron", str(run / "ckpt"),
-                           "--out", str(back)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert conv.returncode == 0, conv.stderr[-3000:]
+    _, back = _train_then_export(hf, tmp_path, "train.steps=1", "evaluation.interval=-1",
+                                 "model.freeze_vision_tower=true")
     before, after = load_file(str(hf / "model.safetensors")), load_file(str(back / "model.safetensors"))
     vision = [k for k in before if k.startswith("visual.")]
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)

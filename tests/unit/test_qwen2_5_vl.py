@@ -15,29 +15,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from megatron_papo import mcore_compat
-from megatron_papo.distributed import destroy_distributed, init_distributed
-
 ROOT = Path(__file__).resolve().parents[2]
 FP32_PARITY_ABS = 1e-4  # measured ~4e-7 (max |logit| ~0.8): same maths, different summation order
 FP32_PARITY_KL = 1e-9  # measured ~1e-15
-
-
-@pytest.fixture(scope="module")
-def pg():
-    patched_before = bool(mcore_compat.applied_patches())
-    groups = init_distributed(seed=0)
-    yield groups
-    destroy_distributed()
-    if not patched_before:
-        mcore_compat.revert_cpu_patches()
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from megatron_papo.testing.tiny_qwen import make_tiny_qwen2_5_vl
-
-    return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("hf") / "tiny", seed=3)
 
 
 @pytest.fixture(scope="module")

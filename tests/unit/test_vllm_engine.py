@@ -15,7 +15,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from megatron_papo import mcore_compat
-from megatron_papo.distributed import destroy_distributed, init_distributed
 from megatron_papo.rollout import RolloutRequest, SamplingParams
 from megatron_papo.rollout.vllm_engine import (
     BAN_BIAS,
@@ -101,23 +100,6 @@ def test_collapse_image_placeholders():
         collapse_image_placeholders(ids, IMG, [4, 2, 1])
     with pytest.raises(ValueError, match=r"do not match the images' token counts \[4\]"):
         collapse_image_placeholders([1, IMG, IMG, IMG], IMG, [4])
-
-
-@pytest.fixture(scope="module")
-def pg():
-    patched_before = bool(mcore_compat.applied_patches())
-    groups = init_distributed(seed=0)
-    yield groups
-    destroy_distributed()
-    if not patched_before:
-        mcore_compat.revert_cpu_patches()
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from megatron_papo.testing.tiny_qwen import make_tiny_qwen2_5_vl
-
-    return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("hf") / "tiny", seed=3)
 
 
 @pytest.fixture(scope="module")
