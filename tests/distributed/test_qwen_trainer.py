@@ -32,9 +32,9 @@ def _train_then_export(hf: Path, tmp_path: Path, *overrides: str) -> tuple[Path,
 
 
 def test_papo_steps_on_tiny_qwen_then_export(tmp_path):
-    from megatron_papo.testing.tiny_qwen import easy_vqa_overrides, make_tiny_qwen2_5_vl
+    from megatron_papo.testing.tiny_qwen import make_tiny_qwen2_5_vl_with_tokenizer
 
-    hf = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=11, **easy_vqa_overrides())
+    hf = make_tiny_qwen2_5_vl_with_tokenizer(tmp_path / "hf", seed=11)
     run, back = _train_then_export(hf, tmp_path, "train.steps=3", "evaluation.num_prompts=4",
                                    "evaluation.k=1")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -57,9 +57,9 @@ def test_papo_steps_on_tiny_qwen_then_export(tmp_path):
 
 def test_frozen_vision_tower_keeps_its_weights(tmp_path):
     """model.freeze_vision_tower=true: one PAPO step changes the language model, not the vision tower."""
-    from megatron_papo.testing.tiny_qwen import easy_vqa_overrides, make_tiny_qwen2_5_vl
+    from megatron_papo.testing.tiny_qwen import make_tiny_qwen2_5_vl_with_tokenizer
 
-    hf = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=12, **easy_vqa_overrides())
+    hf = make_tiny_qwen2_5_vl_with_tokenizer(tmp_path / "hf", seed=12)
     _, back = _train_then_export(hf, tmp_path, "train.steps=1", "evaluation.interval=-1",
                                  "model.freeze_vision_tower=true")
     before, after = load_file(str(hf / "model.safetensors")), load_file(str(back / "model.safetensors"))

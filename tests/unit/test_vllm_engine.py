@@ -425,9 +425,9 @@ def test_trainer_rl_step_with_a_fake_vllm(hf_dir, pg, tmp_path, monkeypatch):
     from megatron_papo import trainer
     from megatron_papo.config import load_config
     from megatron_papo.rollout import MegatronRolloutEngine
-    from megatron_papo.testing.tiny_qwen import easy_vqa_overrides, make_tiny_qwen2_5_vl
+    from megatron_papo.testing.tiny_qwen import make_tiny_qwen2_5_vl_with_tokenizer
 
-    hf = make_tiny_qwen2_5_vl(tmp_path / "hf", seed=11, **easy_vqa_overrides())
+    hf = make_tiny_qwen2_5_vl_with_tokenizer(tmp_path / "hf", seed=11)
     fake = DelegatingBackend()
     seen = {}
 
@@ -476,7 +476,7 @@ def test_trainer_rl_step_with_a_fake_vllm(hf_dir, pg, tmp_path, monkeypatch):
     ("rollout.gpu_memory_utilization=0", r"rollout.gpu_memory_utilization: expected a value in \(0, 1\]"),
     ("rollout.vllm_sleep_level=3", "rollout.vllm_sleep_level: expected 1 or 2, got 3"),
     ("rollout.vllm_sync_bucket_mb=0", "rollout.vllm_sync_bucket_mb: expected >= 1"),
-    ("rollout.vllm_max_model_len=64", r"vllm_max_model_len=64 is below .* = 128"),
+    ("rollout.vllm_max_model_len=64", r"vllm_max_model_len=64 is below .* = 168"),
 ])
 def test_vllm_config_errors_name_the_field(override, message):
     from pathlib import Path
