@@ -72,6 +72,18 @@ def architecture_from_config(cfg: Any) -> Architecture:
     return arch
 
 
+def config_image_patches(cfg: Any, patch: int = 14) -> int | None:
+    """Vision patches of the largest image a qwen2_5_vl config lets through: (image_size / 14)^2
+    at a fixed resolution, max_pixels / 14^2 with dynamic resolution (the default 28*28*1280 when
+    unset); None for other models (the preset's value stays)."""
+    m = cfg.model
+    if m.name != "qwen2_5_vl":
+        return None
+    if m.image_size is not None:
+        return (m.image_size // patch) ** 2
+    return (m.max_pixels or 28 * 28 * 1280) // (patch * patch)
+
+
 def run_from_config(cfg: Any, gpus: int | None) -> dict[str, Any]:
     """RunShape fields from a project config (dp from --gpus when given)."""
     par, loss = cfg.parallel, cfg.loss
@@ -88,6 +100,9 @@ def run_from_config(cfg: Any, gpus: int | None) -> dict[str, Any]:
         # the vLLM engine always sleeps during the update (rollout.vllm_sleep_level 1 or 2)
         vllm_mode="sleep" if cfg.rollout.engine == "vllm" else "none",
         vllm_gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+    patches = config_image_patches(cfg)
+    if patches is not None:
+        fields["image_patches"] = patches
     if gpus is not None:
         if gpus % mp:
             raise SystemExit(f"--gpus {gpus} is not a multiple of tp*pp*cp = {mp}")

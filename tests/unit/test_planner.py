@@ -127,3 +127,22 @@ def test_planner_matches_measured_tiny_vlm_step(one_rank_world, micro_batch, seq
     planned_total = sum(plan.rows[k] for k in ("weights", "gradients", "optimizer", "activations", "logits"))
     assert planned_total == pytest.approx(measured.total, rel=0.05)
     assert measured.total < 1 * GIB
+
+
+def test_config_image_patches_follow_the_resolution_settings():
+    """--config sizes the vision tower for the largest image the config lets through."""
+    import importlib.util
+    from pathlib import Path
+
+    from megatron_papo.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("plan_memory", root / "tools/plan_memory.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    qwen = root / "examples/qwen2_5_vl_7b_papo_g.yaml"
+    assert tool.config_image_patches(load_config(str(qwen))) == 1003520 // 196  # max_pixels / 14^2
+    assert tool.config_image_patches(load_config(str(qwen), ["model.max_pixels=null",
+                                                             "model.image_size=448"])) == 1024
+    assert tool.config_image_patches(load_config(str(qwen), ["model.max_pixels=null"])) == 5120  # default
+    assert tool.config_image_patches(load_config(str(root / "examples/tiny_papo_g.yaml"))) is None
