@@ -293,7 +293,9 @@ def hf_forward(hf_path: str | Path, inputs: dict[str, Tensor], precision: str) -
     """Logits [B, S, V] float32 of transformers' Qwen2.5-VL on ``inputs``."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    from megatron_papo.models.base import torch_dtype
+
+    dtype = torch_dtype(precision)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf_path), dtype=dtype).eval()
     with torch.no_grad():
         out = hf(**{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()})

@@ -229,8 +229,7 @@ class PromptDataset:
         else:
             hw = (0, 0)
             try:
-                checked = self._check_image(ref)
-                hw = (checked.height, checked.width) if hasattr(checked, "height") else tuple(checked)
+                hw = self._check_image(ref)
                 failure = None
             except Exception as e:  # PIL raises many types for a bad image
                 failure = _image_failure(ref, e)

@@ -264,7 +264,15 @@ def probe_image(ref: ImageRef) -> tuple[int, int]:
 
 
 ImageCheck = Literal["decode", "header"]
-IMAGE_CHECKS: dict[str, Callable[[ImageRef], Any]] = {"decode": open_image, "header": probe_image}
+def decode_image_size(ref: ImageRef) -> tuple[int, int]:
+    """Check that an image decodes fully (catches truncated files); its (height, width)."""
+    image = open_image(ref)
+    return image.height, image.width
+
+
+IMAGE_CHECKS: dict[str, Callable[[ImageRef], tuple[int, int]]] = {"decode": decode_image_size,
+                                                                  "header": probe_image}
+"""Build-time image checks; each returns the image's (height, width)."""
 
 
 __all__ = [

@@ -183,7 +183,7 @@ class Qwen25VLArch:
 # 3-D multimodal rope positions
 # ---------------------------------------------------------------------------------------------
 def qwen_mrope_positions(input_ids: Tensor, position_ids: Tensor, image_token_id: int,
-                         grids: Tensor | tuple[int, int]) -> Tensor:
+                         grids: Tensor) -> Tensor:
     """Qwen2.5-VL's 3-D rope positions from 1-D ones.
 
     Args:
@@ -191,7 +191,7 @@ def qwen_mrope_positions(input_ids: Tensor, position_ids: Tensor, image_token_id
             (images numbered in row-major [B, S] order; one row's images may follow each other).
         position_ids: [B, S] 1-D positions, consecutive over a row's real tokens (padding anywhere).
         image_token_id: the placeholder id.
-        grids: [N_img, 2] merged-token grids (gh_k, gw_k), or one (gh, gw) for every image.
+        grids: [N_img, 2] merged-token grids (gh_k, gw_k).
     Returns:
         [3, B, S] int64 (temporal, height, width). The k-th image's j-th token, the image starting
         at 1-D position p0: (p0', p0' + j // gw_k, p0' + j % gw_k), p0' = p0 + shift; text tokens:
@@ -204,11 +204,6 @@ def qwen_mrope_positions(input_ids: Tensor, position_ids: Tensor, image_token_id
     if flat_img.numel() == 0:
         return pos.unsqueeze(0).expand(3, -1, -1).clone()
     device = pos.device
-    if isinstance(grids, tuple):
-        per = grids[0] * grids[1]
-        if flat_img.numel() % per:
-            raise ValueError(f"{flat_img.numel()} image tokens are not a whole number of {per}-token images")
-        grids = torch.tensor([grids] * (flat_img.numel() // per), device=device)
     grids = grids.to(device=device, dtype=torch.long)
     if grids.shape[0] == 0:
         raise ValueError(f"the text holds {flat_img.numel()} image tokens but no image grids were given")

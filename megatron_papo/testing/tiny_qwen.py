@@ -36,10 +36,8 @@ def tiny_qwen_config(*, vocab_size: int = 320, tied: bool = False, image_token_i
     """The transformers ``Qwen2_5_VLConfig`` of a tiny random model."""
     from transformers import Qwen2_5_VLConfig
 
-    head_dim = hidden_size // num_heads
-    half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
+    from megatron_papo.models.tiny_vlm import mrope_section
+
     image = vocab_size - 20 if image_token_id is None else image_token_id
     specials = [i for i in range(vocab_size - 19, vocab_size) if i != image][:3]
     ids = {"video": specials[0], "vision_start": specials[1], "vision_end": specials[2], "bos": 1, "eos": 2,
@@ -49,7 +47,7 @@ def tiny_qwen_config(*, vocab_size: int = 320, tied: bool = False, image_token_i
                          num_hidden_layers=num_layers, num_attention_heads=num_heads,
                          num_key_value_heads=num_kv_heads, max_position_embeddings=2048, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [t, h, half - t - h]},
+                                          "mrope_section": mrope_section(hidden_size // num_heads)},
                          tie_word_embeddings=tied, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                          pad_token_id=ids["pad"]),
         vision_config=dict(depth=vision_depth, hidden_size=64, intermediate_size=128, num_heads=4,
