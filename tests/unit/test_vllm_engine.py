@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from megatron_papo import mcore_compat
 from megatron_papo.rollout import RolloutRequest, SamplingParams
 from megatron_papo.rollout.vllm_engine import (
-    BAN_BIAS,
     PatchLayout,
     VLLMBackend,
     VLLMRolloutEngine,
@@ -29,6 +28,7 @@ from megatron_papo.rollout.vllm_engine import (
     sampling_kwargs,
     version_tuple,
 )
+from megatron_papo.rollout.vllm_io import BAN_BIAS
 
 IMG = 300  # the tiny Qwen's image token id
 EOS = 2
