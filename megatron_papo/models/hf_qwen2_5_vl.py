@@ -235,38 +235,54 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
+_SPLITS = (  # how a megatron parameter is laid out over TP, by the end of its key
+    ("replicated", ("visual.",), _LN_ATTN + _LN_MLP + ("final_layernorm.weight",)),
+    ("vocab_rows", (), ("word_embeddings.weight", "output_layer.weight")),
+    ("qkv", (), ("linear_qkv.weight", "linear_qkv.bias")),
+    ("input_dim", (), ("linear_proj.weight", "linear_fc2.weight")),
+    ("gate_up", (), ("linear_fc1.weight",)),
+)
+
+
+def tp_split_kind(key: str) -> str:
+    """replicated (vision tower, norms) | vocab_rows (padded vocabulary rows over TP) | qkv (query
+    groups over TP) | input_dim (row-parallel) | gate_up (fc1: [gate_r; up_r] per TP rank)."""
+    for kind, prefixes, suffixes in _SPLITS:
+        if key.startswith(prefixes) or key.endswith(suffixes):
+            return kind
+    raise HFCheckpointError(f"no Hugging Face mapping for megatron parameter {key!r}")
+
+
 def hf_to_local(key: str, hf: list[Tensor], model: Any, tp_rank: int, tp: int) -> Tensor:
     """This TP rank's shard of megatron parameter ``key`` from its HF tensors (``hf_names_for``)."""
     lay = _layout(model)
-    if _replicated(key):
+    kind = tp_split_kind(key)
+    if kind == "replicated":
         return hf[0]
-    if key.endswith("word_embeddings.weight") or key.endswith("output_layer.weight"):
+    if kind == "vocab_rows":
         return _pad_rows(hf[0], lay.padded_vocab_size).chunk(tp, dim=0)[tp_rank]
-    if key.endswith("linear_qkv.weight") or key.endswith("linear_qkv.bias"):
+    if kind == "qkv":
         return _qkv_merge(*hf, lay).chunk(tp, dim=0)[tp_rank]
-    if key.endswith("linear_proj.weight") or key.endswith("linear_fc2.weight"):
+    if kind == "input_dim":
         return hf[0].chunk(tp, dim=1)[tp_rank]
-    if key.endswith("linear_fc1.weight"):
-        gate, up = hf
-        return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]])
-    raise HFCheckpointError(f"no Hugging Face mapping for megatron parameter {key!r}")
+    gate, up = hf
+    return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]])
 
 
 def full_to_hf(key: str, shards: list[Tensor], model: Any) -> list[Tensor]:
     """HF tensors of megatron parameter ``key`` from its TP shards (rank order)."""
     lay = _layout(model)
-    if _replicated(key):
+    kind = tp_split_kind(key)
+    if kind == "replicated":
         return [shards[0]]
-    if key.endswith("word_embeddings.weight") or key.endswith("output_layer.weight"):
+    if kind == "vocab_rows":
         return [torch.cat(shards)[:lay.vocab_size]]
-    if key.endswith("linear_qkv.weight") or key.endswith("linear_qkv.bias"):
+    if kind == "qkv":
         return _qkv_split(torch.cat(shards), lay)
-    if key.endswith("linear_proj.weight") or key.endswith("linear_fc2.weight"):
+    if kind == "input_dim":
         return [torch.cat(shards, dim=1)]
-    if key.endswith("linear_fc1.weight"):
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
-    raise HFCheckpointError(f"no Hugging Face mapping for megatron parameter {key!r}")
+    halves = [s.chunk(2, dim=0) for s in shards]
+    return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
 
 
 def _weight_keys(model: torch.nn.Module) -> list[str]:
@@ -359,7 +375,7 @@ def iter_hf_tensors(model_chunks: Sequence[torch.nn.Module], pg: Any) -> Iterato
         if stage == pg.pp_rank:
             chunk = model_chunks[ci]
             local = states[ci][key].detach()
-            if tp > 1 and not _replicated(key):
+            if tp > 1 and tp_split_kind(key) != "replicated":
                 shards = [torch.empty_like(local) for _ in range(tp)]
                 dist.all_gather(shards, local.contiguous(), group=tp_group)
             else:
@@ -381,9 +397,6 @@ def _device(model_chunks: Sequence[torch.nn.Module]) -> torch.device:
     return torch.device("cpu")
 
 
-def _replicated(key: str) -> bool:
-    """Whether a megatron parameter is the same on every TP rank (vision tower, norms)."""
-    return key.startswith("visual.") or key.endswith(_LN_ATTN + _LN_MLP + ("final_layernorm.weight",))
 
 
 def iter_hf_buckets(model_chunks: Sequence[torch.nn.Module], pg: Any,
