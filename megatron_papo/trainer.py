@@ -29,6 +29,7 @@ from megatron_papo.distributed import ProcessGroups, is_rank_zero
 from megatron_papo.losses import PapoLossConfig
 from megatron_papo.metrics import MetricsLogger, ProgressBar, reduce_step_metrics
 from megatron_papo.models import build_model
+from megatron_papo.models.base import concat_pixels
 from megatron_papo.passes import compute_log_probs, model_forward, papo_update, share_from_last_stage
 from megatron_papo.rollout import MegatronRolloutEngine, RolloutEngine, SamplingParams
 from megatron_papo.schedule import configure_model_for_schedule, run_microbatches
@@ -84,8 +85,6 @@ def pipeline_forward_fn(model_chunks: Sequence[torch.nn.Module], pg: ProcessGrou
 
     def _forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
                  images: list[list[Tensor]] | None) -> Tensor:
-        from megatron_papo.models.base import concat_pixels
-
         pixels = None if images is None else concat_pixels([t for row in images for t in row])
         if pg.pp_size == 1:
             return chunk(input_ids, position_ids, attention_mask, pixels)
