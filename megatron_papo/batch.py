@@ -128,15 +128,48 @@ def stack_pixels(per_row: Sequence[Any]) -> Any:
     return concat_pixels(per_row)
 
 
+PER_TOKEN_FIELDS = ("input_ids", "attention_mask", "position_ids", "target", "loss_mask", "old_log_probs",
+                    "masked_log_probs", "ref_log_probs")
+"""The TrainBatch fields that are [R, S] (one value per position)."""
+LOSS_TOKEN_FIELDS = ("target", "loss_mask", "old_log_probs", "masked_log_probs", "ref_log_probs")
+"""The per-position fields only the loss reads (sharded under context parallelism)."""
+
+
+def pad_columns(batch: TrainBatch, multiple: int) -> TrainBatch:
+    """The batch with S right-padded to a multiple of `multiple` (itself when already aligned).
+
+    Context parallelism needs S to be a multiple of 2 * cp (zigzag shards; times tp under
+    sequence parallelism). New columns are padding: attention_mask and loss_mask False, the other
+    per-position fields repeat their last column (never read: masked keys, no loss).
+    """
+    extra = (-batch.seq_length) % multiple
+    if extra == 0:
+        return batch
+    out = {}
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        if f.name in PER_TOKEN_FIELDS and isinstance(v, Tensor):
+            tail = (torch.zeros_like(v[:, -1:]) if v.dtype == torch.bool else v[:, -1:]).expand(-1, extra)
+            v = torch.cat([v, tail], dim=1)
+        out[f.name] = v
+    return TrainBatch(**out)
+
+
 def micro_batch_dicts(batch: TrainBatch, micro_batch_size: int, *, masked_branch: bool = False,
-                      both_branches: bool = False) -> list[dict[str, Tensor | None]]:
+                      both_branches: bool = False, cp_rank: int = 0,
+                      cp_size: int = 1) -> list[dict[str, Tensor | None]]:
     """Split `batch` into micro-batches of `micro_batch_size` rows, as dicts for the schedule.
 
     masked_branch: the images are the masked ones (the no-grad masked pass).
     both_branches: each micro-batch holds its rows twice, original then masked images
         (2 * micro_batch_size rows: one pipeline pass computes both branches' logits).
+    cp_rank, cp_size: context parallelism. The model inputs stay whole (the model embeds the
+        whole sequence, merges the images, then keeps its zigzag shard); the fields only the loss
+        reads (LOSS_TOKEN_FIELDS) become this rank's zigzag shard [mbs, S / cp], matching the
+        logits. S must be a multiple of 2 * cp (``pad_columns``).
     Each dict has input_ids, position_ids, attention_mask, pixel_values, target, loss_mask,
-    advantages and whichever log-prob tensors the batch carries, plus "rows" (row indices).
+    advantages and whichever log-prob tensors the batch carries, plus "rows" (row indices) and
+    "row_tokens" ([mbs] loss tokens of each whole row, the per-sequence divisor under cp).
     """
     if batch.num_rows % micro_batch_size:
         raise ValueError(f"micro_batch_dicts: {batch.num_rows} rows are not a multiple of "
@@ -151,6 +184,13 @@ def micro_batch_dicts(batch: TrainBatch, micro_batch_size: int, *, masked_branch
             "advantages": mb.advantages, "old_log_probs": mb.old_log_probs,
             "masked_log_probs": mb.masked_log_probs, "ref_log_probs": mb.ref_log_probs,
         }
+        d["row_tokens"] = mb.loss_mask.sum(dim=1)
+        if cp_size > 1:
+            from megatron_papo.ops.context_parallel import zigzag_split
+
+            for k in LOSS_TOKEN_FIELDS:
+                if d[k] is not None:
+                    d[k] = zigzag_split(d[k], cp_rank, cp_size, dim=1)
         images = mb.masked_pixel_values if masked_branch else mb.pixel_values
         d["pixel_values"] = stack_pixels(images)
         if both_branches:

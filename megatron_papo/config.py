@@ -111,7 +111,8 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline parallel size."""
     cp: int = 1
-    """Context parallel size (sequences split zigzag over these ranks; needs TE for attention)."""
+    """Context parallel size: every sequence split zigzag over these ranks (models.cp_attention);
+    its ranks hold the same rows, so data parallel = world / (tp * pp * cp)."""
     vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved schedule); None = off."""
     sequence_parallel: bool = False
@@ -493,6 +494,10 @@ def _validate_vllm(cfg: PapoConfig) -> None:
     """rollout.engine=vllm: the fields only that engine reads (these errors show on any machine;
     runtime_checks then checks that vLLM imports and that model.name is one vLLM can build)."""
     ro = cfg.rollout
+    if cfg.parallel.cp > 1:
+        raise ConfigError(f"rollout.engine=vllm with parallel.cp={cfg.parallel.cp}: not supported yet (each "
+                          "context-parallel rank would run its own vLLM on the same prompts); use "
+                          "rollout.engine=megatron, or cp=1 for rollouts of this length")
     if not 0 < ro.gpu_memory_utilization <= 1:
         raise ConfigError(f"rollout.gpu_memory_utilization: expected a value in (0, 1], got "
                           f"{ro.gpu_memory_utilization}")
@@ -535,9 +540,6 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
     if model.num_layers is not None and model.num_layers % (par.pp * (par.vpp or 1)):
         raise ConfigError(f"parallel.pp={par.pp} x vpp={par.vpp or 1} must divide model.num_layers="
                           f"{model.num_layers}")
-    if par.cp > 1 and model.seq_length % (2 * par.cp):
-        raise ConfigError(f"model.seq_length={model.seq_length} must be a multiple of 2 * parallel.cp="
-                          f"{2 * par.cp} (zigzag context-parallel sharding)")
     if par.sequence_parallel and par.tp == 1:
         raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
     if world_size is not None:

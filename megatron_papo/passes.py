@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_papo.batch import TrainBatch, micro_batch_dicts
+from megatron_papo.batch import TrainBatch, micro_batch_dicts, pad_columns
 from megatron_papo.distributed import ProcessGroups
 from megatron_papo.losses import PapoLossConfig, papo_loss
 from megatron_papo.metrics import reduce_step_metrics
-from megatron_papo.ops import global_token_count, vocab_parallel_log_probs
+from megatron_papo.ops import gather_from_context_parallel, global_token_count, vocab_parallel_log_probs
 from megatron_papo.rollout.megatron_engine import eval_no_grad
 from megatron_papo.schedule import global_mean_loss_scale, run_microbatches
 
@@ -28,24 +28,48 @@ def model_forward(model: torch.nn.Module, mb: Mapping[str, Any]) -> Tensor:
     return model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], mb["pixel_values"])
 
 
+def sequence_multiple(model_chunks: Sequence[torch.nn.Module], cp_size: int) -> int:
+    """What a batch's column count must be a multiple of for these chunks: 2 * cp under context
+    parallelism (zigzag shards), times tp under sequence parallelism; 1 otherwise."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model_chunks[0])
+    multiple = 2 * cp_size if cp_size > 1 else 1
+    if getattr(config, "sequence_parallel", False):
+        multiple *= config.tensor_model_parallel_size
+    return multiple
+
+
+def _cp_rank_size(cp_group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if cp_group is None:
+        return 0, 1
+    return dist.get_rank(cp_group), dist.get_world_size(cp_group)
+
+
 def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch, *, micro_batch_size: int,
-                      tp_group: dist.ProcessGroup | None, vocab_size: int,
-                      masked_branch: bool = False) -> Tensor | None:
+                      tp_group: dist.ProcessGroup | None, vocab_size: int, masked_branch: bool = False,
+                      cp_group: dist.ProcessGroup | None = None) -> Tensor | None:
     """No-grad per-token log-probs [R, S] of batch.target (original or masked images).
 
+    Under context parallelism (`cp_group` of size > 1) each rank computes its zigzag shard and
+    the [R, S] result is all-gathered over the cp group (a per-token tensor, never logits).
     Returns None on pipeline stages other than the last (they never need them).
     """
+    cp_rank, cp_size = _cp_rank_size(cp_group)
+
     def loss_fn(mb: Mapping[str, Any], logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         lp = vocab_parallel_log_probs(logits, mb["target"], tp_group, vocab_size)
-        return logits.new_zeros(()), {"log_probs": lp}
+        return logits.new_zeros(()), {"log_probs": gather_from_context_parallel(lp, cp_group, dim=1)}
 
-    mbs = micro_batch_dicts(batch, micro_batch_size, masked_branch=masked_branch)
+    padded = pad_columns(batch, sequence_multiple(model_chunks, cp_size))
+    mbs = micro_batch_dicts(padded, micro_batch_size, masked_branch=masked_branch, cp_rank=cp_rank,
+                            cp_size=cp_size)
     with eval_no_grad(model_chunks):
         outs = run_microbatches(model_chunks, mbs, model_forward, loss_fn, forward_only=True,
-                                seq_length=batch.seq_length, micro_batch_size=micro_batch_size)
+                                seq_length=padded.seq_length, micro_batch_size=micro_batch_size)
     if not outs:
         return None
-    return torch.cat([o["log_probs"].float() for o in outs], dim=0)
+    return torch.cat([o["log_probs"].float() for o in outs], dim=0)[:, :batch.seq_length]
 
 
 def share_from_last_stage(metrics: dict[str, float], pg: ProcessGroups) -> dict[str, float]:
@@ -64,18 +88,22 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
                 step: int) -> dict[str, float]:
     """One optimizer update on `batch` with the PAPO objective; returns reduced metrics.
 
-    Token means are global over the data-parallel (x context-parallel) ranks and all
-    micro-batches: the loss of each micro-batch is its share sum / N_global, scaled by dp * M
-    for megatron-core's schedule and DDP averaging (schedule module docstring). When the masked
+    Token means are global over the data-parallel ranks and all micro-batches: the loss of each
+    micro-batch is its share sum / N_global, scaled by dp * M for megatron-core's schedule and
+    DDP averaging (schedule module docstring). The ranks of a context-parallel group hold the
+    same rows (N_global counts them once, over the dp group) and each computes the share of its
+    zigzag shard; the shares of all dp x cp ranks add up to the global mean. When the masked
     branch needs logits at update time (full KL/entropies, or masked_grad), each micro-batch
     carries both branches and one pipeline pass computes both.
     """
     from megatron_papo.optim import optimizer_step, zero_grads
 
     both = loss_config.uses_masked_branch and (loss_config.masked_grad or loss_config.needs_logits)
-    mbs = micro_batch_dicts(batch, micro_batch_size, both_branches=both)
-    num_tokens = global_token_count(batch.loss_mask, pg.dp_cp)
-    num_seqs = global_token_count(batch.loss_mask.any(dim=1), pg.dp_cp)
+    batch = pad_columns(batch, sequence_multiple(ddp_chunks, pg.cp_size))
+    mbs = micro_batch_dicts(batch, micro_batch_size, both_branches=both, cp_rank=pg.cp_rank,
+                            cp_size=pg.cp_size)
+    num_tokens = global_token_count(batch.loss_mask, pg.dp)
+    num_seqs = global_token_count(batch.loss_mask.any(dim=1), pg.dp)
 
     def loss_fn(mb: Mapping[str, Any], logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         masked_logits = None
@@ -85,7 +113,7 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
                          config=loss_config, masked_logits=masked_logits,
                          masked_log_probs=mb["masked_log_probs"], ref_log_probs=mb["ref_log_probs"],
                          tp_group=pg.tp, vocab_size=vocab_size, step=step, num_tokens=num_tokens,
-                         num_seqs=num_seqs)
+                         num_seqs=num_seqs, row_tokens=mb["row_tokens"] if pg.cp_size > 1 else None)
 
     zero_grads(list(ddp_chunks), optimizer)
     outs = run_microbatches(ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,

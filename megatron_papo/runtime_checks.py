@@ -4,9 +4,9 @@
 
 - ``model.fp8 != none``: Transformer Engine must import, a CUDA GPU must be visible, and the
   recipe must suit the GPU and the TE version (:func:`fp8_support_problem`, a pure function).
-- ``model.transformer_impl: transformer_engine``, ``parallel.cp > 1`` and
-  ``parallel.sequence_parallel``: Transformer Engine (TE attention for context parallel, TE
-  norms for sequence parallel).
+- ``model.transformer_impl: transformer_engine`` and ``parallel.sequence_parallel``: Transformer
+  Engine (TE norms for sequence parallel). ``parallel.cp > 1`` needs nothing extra: its attention
+  (``models.cp_attention``) is megatron-core's, around an all-gather of keys and values.
 - ``rollout.engine: vllm``: vLLM must import, and model.name must be qwen2_5_vl.
 
 FP8 recipes (Transformer Engine ``transformer_engine.common.recipe``):
@@ -117,9 +117,6 @@ def check_runtime(cfg: Any) -> None:
     model, par, rollout = cfg.model, cfg.parallel, cfg.rollout
     if model.transformer_impl == "transformer_engine":
         _require("transformer_engine", "model.transformer_impl=transformer_engine")
-    if par.cp > 1:
-        _require("transformer_engine", f"parallel.cp={par.cp} (context parallel attention is Transformer "
-                                       "Engine's)")
     if par.sequence_parallel:
         _require("transformer_engine", "parallel.sequence_parallel=true (Transformer Engine layer specs)")
     if model.fp8 != "none":

@@ -30,7 +30,14 @@ from megatron_papo.losses import PapoLossConfig
 from megatron_papo.metrics import MetricsLogger, ProgressBar, reduce_step_metrics
 from megatron_papo.models import build_model
 from megatron_papo.models.base import concat_pixels
-from megatron_papo.passes import compute_log_probs, model_forward, papo_update, share_from_last_stage
+from megatron_papo.ops import gather_from_context_parallel
+from megatron_papo.passes import (
+    compute_log_probs,
+    model_forward,
+    papo_update,
+    sequence_multiple,
+    share_from_last_stage,
+)
 from megatron_papo.rollout import MegatronRolloutEngine, RolloutEngine, SamplingParams
 from megatron_papo.schedule import configure_model_for_schedule, run_microbatches
 from megatron_papo.tokenizer import Tokenizer
@@ -80,8 +87,27 @@ def pipeline_forward_fn(model_chunks: Sequence[torch.nn.Module], pg: ProcessGrou
 
     def forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
                 images: list[list[Tensor]] | None) -> Tensor:
-        logits = _forward(input_ids, position_ids, attention_mask, images)
+        if pg.cp_size > 1:
+            logits = _context_parallel_forward(input_ids, position_ids, attention_mask, images)
+        else:
+            logits = _forward(input_ids, position_ids, attention_mask, images)
         return ban_token_ids(logits, banned_ids, pg.tp_rank)
+
+    def _context_parallel_forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
+                                  images: list[list[Tensor]] | None) -> Tensor:
+        # left-pad to a multiple of 2 * cp (masked keys, the rows keep their positions), run the
+        # sharded forward, all-gather the logits over cp and drop the pad columns. Generation
+        # only: the training passes never gather logits.
+        extra = (-input_ids.shape[1]) % sequence_multiple(model_chunks, pg.cp_size)
+        if extra:
+            first = input_ids[:, :1]
+            first = torch.where(first == chunk.image_token_id, torch.zeros_like(first), first)
+            input_ids = torch.cat([first.expand(-1, extra), input_ids], dim=1)
+            position_ids = torch.cat([position_ids[:, :1].expand(-1, extra), position_ids], dim=1)
+            attention_mask = torch.cat([attention_mask.new_zeros(attention_mask.shape[0], extra),
+                                        attention_mask], dim=1)
+        logits = _forward(input_ids, position_ids, attention_mask, images)
+        return gather_from_context_parallel(logits, pg.cp, dim=1)[:, extra:]
 
     def _forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
                  images: list[list[Tensor]] | None) -> Tensor:
@@ -224,7 +250,7 @@ def _sampling_params(cfg: PapoConfig, step: int, pg: ProcessGroups) -> SamplingP
 def fill_log_probs(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: ProcessGroups) -> None:
     """The no-grad passes: old (original image), masked (masked image), reference (if beta > 0)."""
     kw = dict(micro_batch_size=cfg.train.micro_batch_size, tp_group=pg.tp,
-              vocab_size=parts.tokenizer.vocab_size)
+              vocab_size=parts.tokenizer.vocab_size, cp_group=pg.cp)
     batch.old_log_probs = compute_log_probs(parts.model_chunks, batch, **kw)
     if cfg.loss.uses_masked_branch:
         batch.masked_log_probs = compute_log_probs(parts.model_chunks, batch, masked_branch=True, **kw)
@@ -316,7 +342,7 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
 
 def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict[str, float]:
     """One supervised warm-start step: cross-entropy on the correct answer in the reward's format."""
-    from megatron_papo.batch import micro_batch_dicts
+    from megatron_papo.batch import micro_batch_dicts, pad_columns
     from megatron_papo.losses import token_mean
     from megatron_papo.ops import global_token_count, vocab_parallel_log_probs
     from megatron_papo.optim import optimizer_step, set_param_group_hparams, zero_grads
@@ -330,7 +356,8 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
     pixels = steps.prompt_pixels(parts.model_chunks[0], samples)
     batch = steps.sft_train_batch(samples, pixels, parts.tokenizer)
     batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size)
-    n_tok = global_token_count(batch.loss_mask, pg.dp_cp)
+    batch = pad_columns(batch, sequence_multiple(parts.ddp_chunks, pg.cp_size))
+    n_tok = global_token_count(batch.loss_mask, pg.dp)  # cp ranks hold the same rows
     vocab = parts.tokenizer.vocab_size
 
     def loss_fn(mb: dict, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -338,7 +365,7 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
         nll = -token_mean(lp, mb["loss_mask"], n_tok)
         return nll, {"sft_nll": nll.detach()}
 
-    mbs = micro_batch_dicts(batch, cfg.train.micro_batch_size)
+    mbs = micro_batch_dicts(batch, cfg.train.micro_batch_size, cp_rank=pg.cp_rank, cp_size=pg.cp_size)
     set_param_group_hparams(parts.optimizer, lr=cfg.train.sft_lr, weight_decay=cfg.train.weight_decay)
     zero_grads(parts.ddp_chunks, parts.optimizer)
     outs = run_microbatches(parts.ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,

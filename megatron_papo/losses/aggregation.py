@@ -31,7 +31,8 @@ def token_mean(values: Tensor, mask: Tensor, num_tokens: Tensor | float | None =
 
 
 def aggregate(values: Tensor, mask: Tensor, mode: LossAgg = "token-mean", *,
-              num_tokens: Tensor | float | None = None, num_seqs: Tensor | float | None = None) -> Tensor:
+              num_tokens: Tensor | float | None = None, num_seqs: Tensor | float | None = None,
+              row_tokens: Tensor | None = None) -> Tensor:
     """Reduce per-token `values` [B, L] under `mask` [B, L] to a scalar.
 
     token-mean:          sum_{b,t} m v / N_tokens                       (DAPO; PAPO reference)
@@ -39,8 +40,9 @@ def aggregate(values: Tensor, mask: Tensor, mode: LossAgg = "token-mean", *,
     seq-mean-token-sum:  (1/N_seqs) sum_b sum_t m v                        (Dr. GRPO style)
     N_tokens / N_seqs default to this batch's counts (rows with no valid token still count as
     sequences only if `num_seqs` says so); pass global counts under data/context parallelism.
-    Under context parallelism the per-sequence modes need whole sequences: gather the
-    per-token terms over the cp group first (ops.context_parallel).
+    Under context parallelism each rank holds part of every sequence: pass `row_tokens` [B],
+    the valid-token count of each WHOLE row, as the per-sequence divisor of seq-mean-token-mean;
+    the ranks' results then add up to the unsharded value (as do the token-mean shares).
     """
     if values.shape != mask.shape or values.dim() != 2:
         raise ValueError(f"aggregate: values {tuple(values.shape)} and mask {tuple(mask.shape)} must both "
@@ -50,7 +52,8 @@ def aggregate(values: Tensor, mask: Tensor, mode: LossAgg = "token-mean", *,
     m = mask.to(values.dtype)
     per_seq = (values * m).sum(dim=1)
     if mode == "seq-mean-token-mean":
-        per_seq = per_seq / m.sum(dim=1).clamp(min=1.0)
+        counts = m.sum(dim=1) if row_tokens is None else row_tokens.to(values.dtype)
+        per_seq = per_seq / counts.clamp(min=1.0)
     elif mode != "seq-mean-token-sum":
         raise ValueError(f"aggregate: mode must be one of {LOSS_AGGS}, got {mode!r}")
     if num_seqs is None:

@@ -162,8 +162,8 @@ def _masked_extreme(values: Tensor, mask: Tensor, largest: bool) -> Tensor:
 def _objective(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask: Tensor,
                config: PapoLossConfig, *, masked_log_probs: Tensor | None, full_kl: Tensor | None,
                entropy: Tensor | None, masked_entropy: Tensor | None, ref_log_probs: Tensor | None,
-               step: int, num_tokens: Tensor | float | None,
-               num_seqs: Tensor | float | None) -> tuple[Tensor, dict[str, Tensor]]:
+               step: int, num_tokens: Tensor | float | None, num_seqs: Tensor | float | None,
+               row_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Shared core. Per-token inputs [B, L] float; `mask` [B, L] bool. See the module docstring."""
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
@@ -177,7 +177,8 @@ def _objective(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mas
     pg = clipped_policy_loss(log_probs, old_log_probs, advantages, clip_low=config.clip_ratio_low,
                              clip_high=config.clip_ratio_high, clip_dual=config.clip_ratio_dual,
                              log_ratio_clamp=config.log_ratio_clamp)
-    pg_loss = aggregate(pg.loss, mask, config.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    pg_loss = aggregate(pg.loss, mask, config.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                        row_tokens=row_tokens)
     loss = pg_loss
     fmask = mask.to(log_probs.dtype)
     metrics: dict[str, Tensor] = {
@@ -196,7 +197,8 @@ def _objective(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mas
             raise ValueError("papo loss: ref_kl_coef > 0 needs ref_log_probs (or set ref_kl_coef: 0)")
         ref_kl = kl_estimate(log_probs, ref_log_probs.to(log_probs.dtype), config.ref_kl_estimator,
                              log_ratio_clamp=config.log_ratio_clamp, max_value=config.ref_kl_clip)
-        ref_kl_loss = aggregate(ref_kl, mask, config.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        ref_kl_loss = aggregate(ref_kl, mask, config.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                                row_tokens=row_tokens)
         loss = loss + config.ref_kl_coef * ref_kl_loss
         metrics["ref_kl"] = ref_kl_loss
 
@@ -249,7 +251,8 @@ def papo_loss_from_log_probs(log_probs: Tensor, old_log_probs: Tensor, masked_lo
                              advantages: Tensor, response_mask: Tensor, *, config: PapoLossConfig,
                              ref_log_probs: Tensor | None = None, step: int = 0,
                              num_tokens: Tensor | float | None = None,
-                             num_seqs: Tensor | float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                             num_seqs: Tensor | float | None = None,
+                             row_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PAPO objective from per-token log-probs alone (sampled-token forms "k3" and "sampled").
 
     Args:
@@ -263,6 +266,8 @@ def papo_loss_from_log_probs(log_probs: Tensor, old_log_probs: Tensor, masked_lo
         ref_log_probs: [B, L] under the frozen reference model; needed when ref_kl_coef > 0.
         step: optimizer step, for the gamma schedule.
         num_tokens / num_seqs: global normalisers under data/context parallelism (aggregation).
+        row_tokens: [B] valid tokens of each whole row, when the L positions are a context-parallel
+            shard (the per-sequence divisor of seq-mean-token-mean; ``aggregate``).
     Returns:
         (loss 0-dim with gradient, metrics: dict of detached 0-dim tensors).
     """
@@ -274,7 +279,8 @@ def papo_loss_from_log_probs(log_probs: Tensor, old_log_probs: Tensor, masked_lo
     mask = response_mask.bool()
     return _objective(_at_least_fp32(log_probs), _at_least_fp32(old_log_probs), advantages, mask, config,
                       masked_log_probs=masked_log_probs, full_kl=None, entropy=None, masked_entropy=None,
-                      ref_log_probs=ref_log_probs, step=step, num_tokens=num_tokens, num_seqs=num_seqs)
+                      ref_log_probs=ref_log_probs, step=step, num_tokens=num_tokens, num_seqs=num_seqs,
+                      row_tokens=row_tokens)
 
 
 def papo_loss(logits: Tensor, target: Tensor, old_log_probs: Tensor, advantages: Tensor,
@@ -282,7 +288,8 @@ def papo_loss(logits: Tensor, target: Tensor, old_log_probs: Tensor, advantages:
               masked_log_probs: Tensor | None = None, ref_log_probs: Tensor | None = None,
               tp_group: torch.distributed.ProcessGroup | None = None, vocab_size: int | None = None,
               step: int = 0, num_tokens: Tensor | float | None = None,
-              num_seqs: Tensor | float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              num_seqs: Tensor | float | None = None,
+              row_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PAPO objective from vocab-parallel logits (every mode), via ops.papo_token_stats.
 
     Args:
@@ -326,7 +333,7 @@ def papo_loss(logits: Tensor, target: Tensor, old_log_probs: Tensor, advantages:
     return _objective(log_probs, old_log_probs, advantages, response_mask.bool(), config,
                       masked_log_probs=masked_log_probs, full_kl=full_kl, entropy=entropy,
                       masked_entropy=masked_entropy, ref_log_probs=ref_log_probs, step=step,
-                      num_tokens=num_tokens, num_seqs=num_seqs)
+                      num_tokens=num_tokens, num_seqs=num_seqs, row_tokens=row_tokens)
 
 
 def config_field_names() -> tuple[str, ...]:

@@ -41,6 +41,7 @@ __all__ = [
     "build_attention_mask",
     "causal_attention_mask",
     "concat_pixels",
+    "context_parallel_group",
     "count_image_tokens",
     "images_to_tensor",
     "mrope_position_ids",
@@ -142,15 +143,48 @@ class VisionLanguageModel(MegatronModule):
                              f"(id {self.image_token_id}) but pixel_values is None")
         return scatter_image_features(text, input_ids, self.image_token_id, self.encode_images(pixel_values))
 
+    cp_group: Any = None
+    """Context-parallel group of the language model (None or size 1: whole sequences)."""
+
     def lm_attention_mask(self, attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | None:
         """The language model's bool mask (:func:`build_attention_mask`); an explicit causal one for
         local specs (megatron's default one is made with device="cuda", which the CPU patches
-        cannot redirect while activations are recomputed in backward)."""
+        cannot redirect while activations are recomputed in backward) and under context
+        parallelism, where only this rank's query rows are kept: [B or 1, 1, S / cp, S]."""
         seq_len = input_ids.shape[1]
         mask = build_attention_mask(attention_mask, seq_len)
-        if mask is None and getattr(self, "transformer_impl", "local") == "local":
+        cp_rank, cp_size = self.context_parallel_rank_size()
+        if mask is None and (cp_size > 1 or getattr(self, "transformer_impl", "local") == "local"):
             mask = causal_attention_mask(seq_len, input_ids.device)
+        if cp_size > 1:
+            from megatron_papo.ops.context_parallel import zigzag_split
+
+            mask = zigzag_split(mask, cp_rank, cp_size, dim=2)
         return mask
+
+    def context_parallel_rank_size(self) -> tuple[int, int]:
+        """(rank, size) of this model in its context-parallel group ((0, 1) without one)."""
+        group = self.cp_group
+        if group is None:
+            return 0, 1
+        import torch.distributed as dist
+
+        return dist.get_rank(group), dist.get_world_size(group)
+
+    def shard_sequence(self, decoder_input: Tensor | None) -> Tensor | None:
+        """First stage: this context-parallel rank's zigzag shard [S / cp, B, H] of the embedded
+        sequence [S, B, H] (the images are merged into the whole sequence first); S must be a
+        multiple of 2 * cp (``batch.pad_columns``). Identity without context parallelism."""
+        cp_rank, cp_size = self.context_parallel_rank_size()
+        if decoder_input is None or cp_size == 1:
+            return decoder_input
+        from megatron_papo.ops.context_parallel import zigzag_split
+
+        if decoder_input.shape[0] % (2 * cp_size):
+            raise ValueError(f"context parallel cp={cp_size}: sequence length {decoder_input.shape[0]} "
+                             f"is not a multiple of 2 * cp = {2 * cp_size}; pad the batch's columns first "
+                             "(megatron_papo.batch.pad_columns)")
+        return zigzag_split(decoder_input, cp_rank, cp_size, dim=0).contiguous()
 
     # megatron-core's finalize_model_grads (pipeline parallel) asks the top module about tied
     # embeddings; the answer is the language model's (a subclass keeps it in `language_model`).
@@ -227,6 +261,14 @@ def fp8_fields(fp8: str, impl: str) -> dict[str, Any]:
                          f"resolved to {impl!r}")
     fmt, recipe = _FP8_RECIPES[fp8]
     return dict(fp8=fmt, fp8_recipe=recipe)
+
+
+def context_parallel_group() -> Any:
+    """megatron-core's context-parallel group (size 1 when cp is off); parallel state must be initialised."""
+    from megatron.core import parallel_state as ps
+
+    model_parallel_sizes()  # the clear error when parallel state is missing
+    return ps.get_context_parallel_group()
 
 
 def model_parallel_sizes() -> tuple[int, int, int | None]:
@@ -391,11 +433,12 @@ def images_to_tensor(images: Sequence[Any], size: tuple[int, int], mean: Sequenc
     return torch.stack(out)
 
 
-def common_transformer_fields(tp: int, precision: str) -> dict[str, Any]:
-    """TransformerConfig fields every tower shares: TP size, CPU init (weights independent of
-    tp), no dropout (RL needs deterministic log-probs), precision."""
-    return dict(tensor_model_parallel_size=tp, use_cpu_initialization=True, hidden_dropout=0.0,
-                attention_dropout=0.0, sequence_parallel=False, **precision_fields(precision))
+def common_transformer_fields(tp: int, precision: str, cp: int = 1) -> dict[str, Any]:
+    """TransformerConfig fields every tower shares: TP (and, for a language model, CP) size, CPU
+    init (weights independent of tp), no dropout (RL needs deterministic log-probs), precision."""
+    return dict(tensor_model_parallel_size=tp, context_parallel_size=cp, use_cpu_initialization=True,
+                hidden_dropout=0.0, attention_dropout=0.0, sequence_parallel=False,
+                **precision_fields(precision))
 
 
 def make_transformer_config(**fields: Any) -> TransformerConfig:

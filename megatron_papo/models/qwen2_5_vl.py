@@ -41,6 +41,7 @@ from megatron_papo.models.base import (
     VisionLanguageModel,
     _to_uint8_chw,
     common_transformer_fields,
+    context_parallel_group,
     fp8_fields,
     make_transformer_config,
     model_parallel_sizes,
@@ -269,7 +270,7 @@ class QwenImages:
 # Configs
 # ---------------------------------------------------------------------------------------------
 def qwen_language_config(a: Qwen25VLArch, *, tp: int, pp: int, vpp: int | None, impl: str, precision: str,
-                         fp8: str, recompute: bool, init_weights: bool) -> TransformerConfig:
+                         fp8: str, recompute: bool, init_weights: bool, cp: int = 1) -> TransformerConfig:
     """The Qwen2 language model's TransformerConfig."""
     extra = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
              if recompute else {})
@@ -280,7 +281,7 @@ def qwen_language_config(a: Qwen25VLArch, *, tp: int, pp: int, vpp: int | None, 
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True, mrope_section=list(a.mrope_section),
         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
         perform_initialization=init_weights, **extra, **fp8_fields(fp8, impl),
-        **common_transformer_fields(tp, precision))
+        **common_transformer_fields(tp, precision, cp))
 
 
 def build_vision_tower(a: Qwen25VLArch) -> torch.nn.Module:
@@ -356,10 +357,13 @@ class Qwen25VL(VisionLanguageModel):
             raise ValueError(f"need {factor * factor} <= model.min_pixels <= model.max_pixels, got "
                              f"{min_pixels}, {max_pixels}")
         impl = resolve_transformer_impl(transformer_impl)
+        cp_group = context_parallel_group()
         lm_config = qwen_language_config(arch, tp=tp, pp=pp, vpp=vpp if vp_stage is not None else None,
                                          impl=impl, precision=precision, fp8=fp8,
-                                         recompute=recompute_activations, init_weights=init_weights)
+                                         recompute=recompute_activations, init_weights=init_weights,
+                                         cp=cp_group.size())
         super().__init__(config=lm_config)
+        self.cp_group = cp_group
         self.arch = arch
         self.transformer_impl = impl
         self.vocab_size = arch.vocab_size
@@ -373,7 +377,7 @@ class Qwen25VL(VisionLanguageModel):
             torch.manual_seed(seed)
             self.visual = build_vision_tower(arch) if pre_process else None
             self.language_model = GPTModel(
-                config=lm_config, transformer_layer_spec=language_layer_spec(impl),
+                config=lm_config, transformer_layer_spec=language_layer_spec(impl, cp_group.size()),
                 vocab_size=self.padded_vocab_size, max_sequence_length=max(seq_length, 1),
                 pre_process=pre_process, post_process=post_process,
                 share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="mrope",
@@ -479,6 +483,7 @@ class Qwen25VL(VisionLanguageModel):
         mask = self.lm_attention_mask(attention_mask, input_ids)
         rope = self.rope_positions(input_ids, position_ids, pixel_values)
         decoder_input = self.embed(input_ids, rope[0], pixel_values) if self.pre_process else None
+        decoder_input = self.shard_sequence(decoder_input)
         return self.language_model(input_ids, rope, mask, decoder_input=decoder_input, **lm_kwargs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),

@@ -43,6 +43,7 @@ from megatron_papo import mcore_compat
 from megatron_papo.models.base import (
     VisionLanguageModel,
     common_transformer_fields,
+    context_parallel_group,
     fp8_fields,
     images_to_tensor,
     make_transformer_config,
@@ -150,7 +151,8 @@ def mrope_section(head_dim: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # TransformerConfigs and layer specs
 # ---------------------------------------------------------------------------------------------
-def language_config(c: TinyVLMConfig, tp: int, pp: int, vpp: int | None, impl: str) -> TransformerConfig:
+def language_config(c: TinyVLMConfig, tp: int, pp: int, vpp: int | None, impl: str,
+                    cp: int = 1) -> TransformerConfig:
     """The GPT language model's TransformerConfig (Qwen-like, multimodal rope)."""
     recompute = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
                  if c.recompute_activations else {})
@@ -161,7 +163,7 @@ def language_config(c: TinyVLMConfig, tp: int, pp: int, vpp: int | None, impl: s
         add_bias_linear=False, add_qkv_bias=True,
         mrope_section=mrope_section(c.hidden_size // c.num_attention_heads),
         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
-        **recompute, **fp8_fields(c.fp8, impl), **common_transformer_fields(tp, c.precision))
+        **recompute, **fp8_fields(c.fp8, impl), **common_transformer_fields(tp, c.precision, cp))
 
 
 def vision_config(c: TinyVLMConfig, tp: int) -> TransformerConfig:
@@ -182,11 +184,23 @@ def projector_config(c: TinyVLMConfig, tp: int) -> TransformerConfig:
         add_bias_linear=True, pipeline_model_parallel_size=1, **common_transformer_fields(tp, c.precision))
 
 
-def language_layer_spec(impl: str) -> ModuleSpec:
-    """GPT layer spec: TE (fused norms, TE attention) or megatron-core local with RMSNorm."""
+def language_layer_spec(impl: str, cp: int = 1) -> ModuleSpec:
+    """GPT layer spec: TE (fused norms, TE attention) or megatron-core local with RMSNorm.
+
+    cp > 1: the core attention is
+    :class:`~megatron_papo.models.cp_attention.AllGatherContextParallelAttention` in either backend
+    (zigzag-sharded sequences, arbitrary masks).
+    """
     if impl == "transformer_engine":
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if cp > 1:
+        from megatron_papo.models.cp_attention import AllGatherContextParallelAttention
+
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = AllGatherContextParallelAttention
+    return spec
 
 
 def vision_layer_spec(impl: str) -> ModuleSpec:
@@ -225,8 +239,11 @@ class TinyVLM(VisionLanguageModel):
         if vpp is not None and vp_stage is None:
             raise ValueError(f"the pipeline is interleaved ({vpp} virtual stages per rank): pass vp_stage")
         impl = resolve_transformer_impl(c.transformer_impl)
-        lm_config = language_config(c, tp, pp, vpp if vp_stage is not None else None, impl)
+        cp_group = context_parallel_group()
+        cp = cp_group.size()
+        lm_config = language_config(c, tp, pp, vpp if vp_stage is not None else None, impl, cp)
         super().__init__(config=lm_config)
+        self.cp_group = cp_group
         self.tiny_config = c
         self.transformer_impl = impl
         self.vocab_size = c.vocab_size
@@ -239,7 +256,7 @@ class TinyVLM(VisionLanguageModel):
             self.vision_model, self.vision_projection = (
                 self._build_vision(c, tp, impl) if pre_process else (None, None))
             self.language_model = GPTModel(
-                config=lm_config, transformer_layer_spec=language_layer_spec(impl),
+                config=lm_config, transformer_layer_spec=language_layer_spec(impl, cp),
                 vocab_size=self.padded_vocab_size, max_sequence_length=c.seq_length,
                 pre_process=pre_process, post_process=post_process,
                 share_embeddings_and_output_weights=False, position_embedding_type="mrope",
@@ -297,6 +314,7 @@ class TinyVLM(VisionLanguageModel):
         rope_positions = mrope_position_ids(position_ids)
         flat_positions = rope_positions[0]  # [B, S]; only the rope uses positions
         decoder_input = self.embed(input_ids, flat_positions, pixel_values) if self.pre_process else None
+        decoder_input = self.shard_sequence(decoder_input)
         return self.language_model(input_ids, rope_positions, mask, decoder_input=decoder_input, **lm_kwargs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),

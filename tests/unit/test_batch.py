@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from megatron_papo.batch import build_train_batch, micro_batch_dicts, pad_rows_to_multiple, stack_pixels
+from megatron_papo.batch import (
+    build_train_batch,
+    micro_batch_dicts,
+    pad_columns,
+    pad_rows_to_multiple,
+    stack_pixels,
+)
+from megatron_papo.losses.aggregation import aggregate
+from megatron_papo.ops.context_parallel import zigzag_merge, zigzag_split
 
 PAD = 0
 
@@ -73,3 +81,45 @@ def test_inert_rows_and_equal_update_counts():
     minis = _mini_batches(b, rows_per_update=4, micro=2, count=2)
     assert [m.num_rows for m in minis] == [2, 2]
     assert minis[0].loss_mask.any() and not minis[1].loss_mask.any()
+
+
+def test_pad_columns_adds_masked_padding_only():
+    b = _batch()
+    b.old_log_probs = torch.randn(2, 6)
+    assert pad_columns(b, 3) is b  # 6 columns are already a multiple of 3
+    p = pad_columns(b, 4)
+    assert p.seq_length == 8 and p.num_rows == 2
+    assert not p.attention_mask[:, 6:].any() and not p.loss_mask[:, 6:].any()
+    for name in ("input_ids", "attention_mask", "position_ids", "target", "loss_mask", "old_log_probs"):
+        assert torch.equal(getattr(p, name)[:, :6], getattr(b, name)), name
+    assert torch.equal(p.input_ids[:, 6:], b.input_ids[:, -1:].expand(-1, 2))
+    assert p.masked_log_probs is None and p.pixel_values is b.pixel_values
+
+
+def test_context_parallel_micro_batches_shard_the_loss_fields():
+    b = pad_columns(_batch(), 4)
+    b.old_log_probs = torch.arange(16.0).view(2, 8)
+    shards = [micro_batch_dicts(b, 2, cp_rank=r, cp_size=2)[0] for r in range(2)]
+    for d in shards:
+        assert d["input_ids"].shape == (2, 8)  # model inputs stay whole
+        assert d["target"].shape == d["loss_mask"].shape == d["old_log_probs"].shape == (2, 4)
+        assert d["row_tokens"].tolist() == [2, 1]  # counts of the whole rows
+    for k in ("target", "loss_mask", "old_log_probs"):
+        assert torch.equal(zigzag_merge([d[k] for d in shards], 2), getattr(b, k)), k
+    # zigzag: rank 0 holds chunks 0 and 3 of 4, rank 1 chunks 1 and 2
+    assert shards[0]["old_log_probs"][0].tolist() == [0.0, 1.0, 6.0, 7.0]
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_aggregation_shares_over_cp_shards_add_up(mode):
+    g = torch.Generator().manual_seed(0)
+    b = pad_columns(_batch(), 4)
+    values = torch.randn(2, 8, generator=g)
+    whole = aggregate(values, b.loss_mask, mode)
+    n_tok, n_seq = b.loss_mask.sum(), b.loss_mask.any(1).sum()
+    total = 0.0
+    for r in range(2):
+        d = micro_batch_dicts(b, 2, cp_rank=r, cp_size=2)[0]
+        total = total + aggregate(zigzag_split(values, r, 2), d["loss_mask"], mode, num_tokens=n_tok,
+                                  num_seqs=n_seq, row_tokens=d["row_tokens"])
+    torch.testing.assert_close(total, whole)
