@@ -518,6 +518,36 @@ def _patch_distopt_unshared_torch_adam_step() -> None:
     _set(DistributedOptimizer, "load_state_dict", load_state_dict)
 
 
+def _patch_torch_norm_for_sequence_parallel() -> None:
+    """megatron-core's ``WrappedTorchNorm`` (the norm of local layer specs without TE or apex)
+    asserts ``not config.sequence_parallel``: ``AssertionError: sequence parallel not supported
+    by torch LayerNorm``. A norm needs no collective under sequence parallelism (it normalises
+    each of this rank's [S/tp, B, H] rows); only its weight gradient is partial per TP rank, and
+    ``finalize_model_grads`` sums it over TP for parameters marked ``sequence_parallel`` (as TE's
+    and apex's norms mark theirs). Build the torch norm with a config copy that says
+    ``sequence_parallel=False``, then mark its parameters."""
+    import copy
+
+    from megatron.core.transformer import torch_norm
+
+    cls = torch_norm.WrappedTorchNorm
+    original = cls.__dict__["__new__"]
+    build = original.__func__ if isinstance(original, staticmethod) else original
+
+    def __new__(klass: type, config: Any, hidden_size: int, *args: Any, **kwargs: Any) -> Any:
+        if not config.sequence_parallel:
+            return build(klass, config, hidden_size, *args, **kwargs)
+        local = copy.copy(config)
+        local.sequence_parallel = False
+        norm = build(klass, local, hidden_size, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    _ORIGINALS.append((cls, "__new__", original))
+    cls.__new__ = staticmethod(__new__)
+
+
 _CPU_PATCHES: tuple[tuple[str, Callable[[], None]], ...] = (
     ("rng_tracker_cpu_generator", _patch_rng_tracker_to_cpu_generator),
     ("global_memory_buffer_cpu", _patch_global_memory_buffer_to_cpu),
@@ -526,6 +556,7 @@ _CPU_PATCHES: tuple[tuple[str, Callable[[], None]], ...] = (
     ("clip_vit_norm_without_te", _patch_clip_vit_norm_without_te),
     ("distopt_load_torch_adamw", _patch_distopt_load_with_torch_adamw),
     ("distopt_unshared_torch_adam_step", _patch_distopt_unshared_torch_adam_step),
+    ("torch_norm_sequence_parallel", _patch_torch_norm_for_sequence_parallel),
 )
 
 

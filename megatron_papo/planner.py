@@ -362,6 +362,11 @@ def language_layer_activation_bytes(lm: LanguageArch, run: RunShape, tokens: int
         attention output (out-proj input)                             h/t
         fc1 output (2f) and SwiGLU output (fc2 input)                 3f/t
         + softmax statistics a/t fp32 (flash) -- small
+    Context parallel (cp > 1, either spec): the core attention is models.cp_attention's (the
+    all-gather flavour, not flash). Per local token it keeps q h/t, the gathered keys and values
+    expanded to all heads 2 a d / t x cp, and the probabilities over all s keys a s / t; these
+    replace the q/k/v terms of either spec (measured on the tiny VLM: the saved tensors of one
+    layer are exactly these).
     Local specs (megatron-core's unfused DotProductAttention, torch norms), per token:
         each torch RMSNorm keeps its input and x*rstd                 2 x 2h
         linear inputs (qkv, fc1)                                      2h
@@ -378,18 +383,21 @@ def language_layer_activation_bytes(lm: LanguageArch, run: RunShape, tokens: int
     act, lin = _act_bytes(run.precision), _linear_input_bytes(run.precision)
     sp = t if run.sequence_parallel else 1
     f_out = 2 * f if lm.gated_mlp else f
-    s_local = run.seq_len / run.cp
+    if run.cp > 1:  # all-gather attention (either spec): q, gathered expanded k and v, probabilities
+        attention = (a * d / t + 2 * a * d / t * run.cp + a / t * run.seq_len) * act
+    elif run.impl == "transformer_engine":
+        attention = (h + 2 * g * d) / t * act + a / t * 4  # q, k, v kept by flash; softmax lse (fp32)
+    else:  # q and k after rope, k/v expanded (or the qkv buffer v views), the probabilities
+        attention = (3 * h / t + (2 * g * d / t if g == a else 0) + a / t * run.seq_len) * act
+    per_token = attention
     if run.impl == "transformer_engine":
-        per_token = (2 * h * act + 2 * h * lin) / sp  # norm inputs (bf16) + LN outputs = linear inputs
-        per_token += (h + 2 * g * d) / t * act + h / t * lin  # q, k, v; out-proj input
+        per_token += (2 * h * act + 2 * h * lin) / sp  # norm inputs (bf16) + LN outputs = linear inputs
+        per_token += h / t * lin  # out-proj input
         per_token += f_out / t * act + f / t * lin  # fc1 out, fc2 in
-        per_token += a / t * 4  # softmax lse (fp32)
     else:
-        per_token = 2 * (2 * h) * act / sp  # two torch RMSNorms: input and x * rstd
+        per_token += 2 * (2 * h) * act / sp  # two torch RMSNorms: input and x * rstd
         per_token += 2 * h * lin / sp  # qkv and fc1 inputs
-        per_token += 3 * h / t * act + (2 * g * d / t * act if g == a else 0)
         per_token += 4 * d * act  # rope cos / sin of q and k, expanded over the batch
-        per_token += a / t * s_local * act  # attention probabilities
         per_token += h / t * lin  # out-proj input
         # fc1 output; SwiGLU: a copy of the gate half, SiLU output, the product (fc2 input)
         per_token += (f_out + (3 * f if lm.gated_mlp else f)) / t * act
@@ -505,7 +513,7 @@ def _stage_plan(arch: Architecture, run: RunShape, stage: Literal["first", "last
         lm_act = in_flight * layers * per_layer
         notes["activations"] = (f"{layers} layers x {per_layer / GIB:.3f} GiB x {in_flight} micro-batch(es) "
                                 "in flight")
-    if run.impl == "local":  # the [b, 1, s, s] bool attention mask from the padding mask, shared by layers
+    if run.impl == "local" or run.cp > 1:  # the [b, 1, s / cp, s] bool mask, shared by the layers
         lm_act += in_flight * rows_mb * math.ceil(run.seq_len / run.cp) * run.seq_len
     if last:  # final norm (input, x * rstd for torch norms) + output-layer input
         lm_act += (3 if run.impl == "local" else 2) * tokens * lm.hidden_size * act // sp_div

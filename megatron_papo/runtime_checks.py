@@ -4,8 +4,10 @@
 
 - ``model.fp8 != none``: Transformer Engine must import, a CUDA GPU must be visible, and the
   recipe must suit the GPU and the TE version (:func:`fp8_support_problem`, a pure function).
-- ``model.transformer_impl: transformer_engine`` and ``parallel.sequence_parallel``: Transformer
-  Engine (TE norms for sequence parallel). ``parallel.cp > 1`` needs nothing extra: its attention
+- ``model.transformer_impl: transformer_engine``: Transformer Engine.
+- ``parallel.sequence_parallel`` on a GPU: Transformer Engine (its norms take sequence-parallel
+  input; on CPU, ``mcore_compat``'s ``torch_norm_sequence_parallel`` patch lets the torch norms
+  of the local specs do it). ``parallel.cp > 1`` needs nothing extra: its attention
   (``models.cp_attention``) is megatron-core's, around an all-gather of keys and values.
 - ``rollout.engine: vllm``: vLLM must import, and model.name must be qwen2_5_vl.
 
@@ -117,8 +119,9 @@ def check_runtime(cfg: Any) -> None:
     model, par, rollout = cfg.model, cfg.parallel, cfg.rollout
     if model.transformer_impl == "transformer_engine":
         _require("transformer_engine", "model.transformer_impl=transformer_engine")
-    if par.sequence_parallel:
-        _require("transformer_engine", "parallel.sequence_parallel=true (Transformer Engine layer specs)")
+    if par.sequence_parallel and cuda_capability() is not None:
+        _require("transformer_engine", "parallel.sequence_parallel=true on a GPU (Transformer Engine "
+                                       "norms)")
     if model.fp8 != "none":
         if model.transformer_impl == "local":
             raise ValueError(f"model.fp8={model.fp8!r} needs Transformer Engine layer specs; "

@@ -87,18 +87,20 @@ def pipeline_forward_fn(model_chunks: Sequence[torch.nn.Module], pg: ProcessGrou
 
     def forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
                 images: list[list[Tensor]] | None) -> Tensor:
-        if pg.cp_size > 1:
-            logits = _context_parallel_forward(input_ids, position_ids, attention_mask, images)
+        if multiple > 1:
+            logits = _sharded_forward(input_ids, position_ids, attention_mask, images)
         else:
             logits = _forward(input_ids, position_ids, attention_mask, images)
         return ban_token_ids(logits, banned_ids, pg.tp_rank)
 
-    def _context_parallel_forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
-                                  images: list[list[Tensor]] | None) -> Tensor:
-        # left-pad to a multiple of 2 * cp (masked keys, the rows keep their positions), run the
-        # sharded forward, all-gather the logits over cp and drop the pad columns. Generation
-        # only: the training passes never gather logits.
-        extra = (-input_ids.shape[1]) % sequence_multiple(model_chunks, pg.cp_size)
+    multiple = sequence_multiple(model_chunks, pg.cp_size)
+
+    def _sharded_forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
+                         images: list[list[Tensor]] | None) -> Tensor:
+        # context / sequence parallel: left-pad to the multiple (masked keys, the rows keep their
+        # positions), run the sharded forward, all-gather the logits over cp and drop the pad
+        # columns. Generation only: the training passes never gather logits.
+        extra = (-input_ids.shape[1]) % multiple
         if extra:
             first = input_ids[:, :1]
             first = torch.where(first == chunk.image_token_id, torch.zeros_like(first), first)
@@ -209,7 +211,7 @@ def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
     def make_model() -> torch.nn.Module:
         model = build_model(cfg.model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
                             pre_process=pg.is_first_pp_stage, post_process=pg.is_last_pp_stage,
-                            seed=cfg.train.seed)
+                            seed=cfg.train.seed, sequence_parallel=cfg.parallel.sequence_parallel)
         if cfg.model.freeze_vision_tower:
             model.freeze_vision()  # before DDP / the optimizer: they only take trainable parameters
         return model

@@ -172,19 +172,30 @@ class VisionLanguageModel(MegatronModule):
         return dist.get_rank(group), dist.get_world_size(group)
 
     def shard_sequence(self, decoder_input: Tensor | None) -> Tensor | None:
-        """First stage: this context-parallel rank's zigzag shard [S / cp, B, H] of the embedded
-        sequence [S, B, H] (the images are merged into the whole sequence first); S must be a
-        multiple of 2 * cp (``batch.pad_columns``). Identity without context parallelism."""
+        """First stage: the embedded sequence [S, B, H] (images merged into the whole sequence
+        first) as the language model takes it: this context-parallel rank's zigzag shard
+        [S / cp, B, H], then, under sequence parallelism, this TP rank's contiguous slice
+        [S / (cp * tp), B, H]. S must be a multiple of 2 * cp (times tp with sequence
+        parallelism; ``batch.pad_columns``). Identity without either."""
+        if decoder_input is None:
+            return None
         cp_rank, cp_size = self.context_parallel_rank_size()
-        if decoder_input is None or cp_size == 1:
-            return decoder_input
-        from megatron_papo.ops.context_parallel import zigzag_split
+        sequence_parallel = bool(getattr(self.config, "sequence_parallel", False))
+        tp = self.config.tensor_model_parallel_size if sequence_parallel else 1
+        multiple = (2 * cp_size if cp_size > 1 else 1) * tp
+        if decoder_input.shape[0] % multiple:
+            raise ValueError(f"cp={cp_size}, sequence_parallel tp={tp}: sequence length "
+                             f"{decoder_input.shape[0]} is not a multiple of {multiple}; pad the batch's "
+                             "columns first (megatron_papo.batch.pad_columns)")
+        if cp_size > 1:
+            from megatron_papo.ops.context_parallel import zigzag_split
 
-        if decoder_input.shape[0] % (2 * cp_size):
-            raise ValueError(f"context parallel cp={cp_size}: sequence length {decoder_input.shape[0]} "
-                             f"is not a multiple of 2 * cp = {2 * cp_size}; pad the batch's columns first "
-                             "(megatron_papo.batch.pad_columns)")
-        return zigzag_split(decoder_input, cp_rank, cp_size, dim=0).contiguous()
+            decoder_input = zigzag_split(decoder_input, cp_rank, cp_size, dim=0).contiguous()
+        if sequence_parallel:
+            from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+            decoder_input = scatter_to_sequence_parallel_region(decoder_input)
+        return decoder_input
 
     # megatron-core's finalize_model_grads (pipeline parallel) asks the top module about tied
     # embeddings; the answer is the language model's (a subclass keeps it in `language_model`).
@@ -433,11 +444,13 @@ def images_to_tensor(images: Sequence[Any], size: tuple[int, int], mean: Sequenc
     return torch.stack(out)
 
 
-def common_transformer_fields(tp: int, precision: str, cp: int = 1) -> dict[str, Any]:
-    """TransformerConfig fields every tower shares: TP (and, for a language model, CP) size, CPU
-    init (weights independent of tp), no dropout (RL needs deterministic log-probs), precision."""
+def common_transformer_fields(tp: int, precision: str, cp: int = 1,
+                              sequence_parallel: bool = False) -> dict[str, Any]:
+    """TransformerConfig fields every tower shares: TP (and, for a language model, CP size and
+    sequence parallelism), CPU init (weights independent of tp), no dropout (RL needs
+    deterministic log-probs), precision."""
     return dict(tensor_model_parallel_size=tp, context_parallel_size=cp, use_cpu_initialization=True,
-                hidden_dropout=0.0, attention_dropout=0.0, sequence_parallel=False,
+                hidden_dropout=0.0, attention_dropout=0.0, sequence_parallel=sequence_parallel and tp > 1,
                 **precision_fields(precision))
 
 

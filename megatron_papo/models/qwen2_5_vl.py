@@ -270,7 +270,8 @@ class QwenImages:
 # Configs
 # ---------------------------------------------------------------------------------------------
 def qwen_language_config(a: Qwen25VLArch, *, tp: int, pp: int, vpp: int | None, impl: str, precision: str,
-                         fp8: str, recompute: bool, init_weights: bool, cp: int = 1) -> TransformerConfig:
+                         fp8: str, recompute: bool, init_weights: bool, cp: int = 1,
+                         sequence_parallel: bool = False) -> TransformerConfig:
     """The Qwen2 language model's TransformerConfig."""
     extra = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
              if recompute else {})
@@ -281,7 +282,7 @@ def qwen_language_config(a: Qwen25VLArch, *, tp: int, pp: int, vpp: int | None, 
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True, mrope_section=list(a.mrope_section),
         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
         perform_initialization=init_weights, **extra, **fp8_fields(fp8, impl),
-        **common_transformer_fields(tp, precision, cp))
+        **common_transformer_fields(tp, precision, cp, sequence_parallel))
 
 
 def build_vision_tower(a: Qwen25VLArch) -> torch.nn.Module:
@@ -337,7 +338,7 @@ class Qwen25VL(VisionLanguageModel):
                  precision: str = "bf16", fp8: str = "none", transformer_impl: str = "auto",
                  recompute_activations: bool = False, make_vocab_size_divisible_by: int = 128,
                  pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
-                 seed: int = 1234, init_weights: bool = True) -> None:
+                 seed: int = 1234, init_weights: bool = True, sequence_parallel: bool = False) -> None:
         tp, pp, vpp = model_parallel_sizes()
         if vpp is not None and vp_stage is None:
             raise ValueError(f"the pipeline is interleaved ({vpp} virtual stages per rank): pass vp_stage")
@@ -361,7 +362,7 @@ class Qwen25VL(VisionLanguageModel):
         lm_config = qwen_language_config(arch, tp=tp, pp=pp, vpp=vpp if vp_stage is not None else None,
                                          impl=impl, precision=precision, fp8=fp8,
                                          recompute=recompute_activations, init_weights=init_weights,
-                                         cp=cp_group.size())
+                                         cp=cp_group.size(), sequence_parallel=sequence_parallel)
         super().__init__(config=lm_config)
         self.cp_group = cp_group
         self.arch = arch
@@ -381,7 +382,8 @@ class Qwen25VL(VisionLanguageModel):
                 vocab_size=self.padded_vocab_size, max_sequence_length=max(seq_length, 1),
                 pre_process=pre_process, post_process=post_process,
                 share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="mrope",
-                rotary_base=arch.rope_theta, vp_stage=vp_stage)
+                rotary_base=arch.rope_theta, vp_stage=vp_stage,
+                scatter_embedding_sequence_parallel=False)  # shard_sequence scatters, after the images
         self._to_keeping_fp32_buffers(torch_dtype(precision))
 
     def _to_keeping_fp32_buffers(self, dtype: torch.dtype) -> None:
@@ -520,7 +522,7 @@ def _check_overrides(cfg: Any, arch: Qwen25VLArch) -> None:
 @register_model("qwen2_5_vl")
 def build_qwen2_5_vl(cfg: Any, *, vocab_size: int, image_token_id: int, pre_process: bool = True,
                      post_process: bool = True, vp_stage: int | None = None, seed: int = 1234,
-                     init_weights: bool = True) -> Qwen25VL:
+                     init_weights: bool = True, sequence_parallel: bool = False) -> Qwen25VL:
     """Qwen2.5-VL (architecture from model.hf_path; megatron-core LM + transformers vision tower)."""
     if not getattr(cfg, "hf_path", None):
         raise ValueError("model.name=qwen2_5_vl needs model.hf_path: a Hugging Face folder with the "
@@ -540,7 +542,7 @@ def build_qwen2_5_vl(cfg: Any, *, vocab_size: int, image_token_id: int, pre_proc
                      recompute_activations=cfg.recompute_activations,
                      make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
                      pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=seed,
-                     init_weights=init_weights)
+                     init_weights=init_weights, sequence_parallel=sequence_parallel)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -94,7 +94,7 @@ def get_model_spec(name: str) -> ModelSpec:
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, pre_process: bool = True,
                 post_process: bool = True, vp_stage: int | None = None,
-                seed: int = 1234) -> VisionLanguageModel:
+                seed: int = 1234, sequence_parallel: bool = False) -> VisionLanguageModel:
     """Build this rank's part of model ``cfg.name``.
 
     Args:
@@ -105,10 +105,13 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, pre_p
             vision encoder) / the output layer.
         vp_stage: virtual pipeline stage (interleaved schedule), None without interleaving.
         seed: seed of the random initialisation (weights are the same for any TP size).
+        sequence_parallel: megatron sequence parallelism in the language model (``parallel.
+            sequence_parallel``; only when tp > 1). Passed to builders only when True.
     Raises:
         ValueError: unknown ``cfg.name`` (the message lists the registered models).
         RuntimeError: megatron-core's parallel state is not initialised.
     """
     spec = get_model_spec(cfg.name)
+    extra = {"sequence_parallel": True} if sequence_parallel else {}
     return spec.builder(cfg, vocab_size=vocab_size, image_token_id=image_token_id, pre_process=pre_process,
-                        post_process=post_process, vp_stage=vp_stage, seed=seed)
+                        post_process=post_process, vp_stage=vp_stage, seed=seed, **extra)

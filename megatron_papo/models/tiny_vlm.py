@@ -152,7 +152,7 @@ def mrope_section(head_dim: int) -> list[int]:
 # TransformerConfigs and layer specs
 # ---------------------------------------------------------------------------------------------
 def language_config(c: TinyVLMConfig, tp: int, pp: int, vpp: int | None, impl: str,
-                    cp: int = 1) -> TransformerConfig:
+                    cp: int = 1, sequence_parallel: bool = False) -> TransformerConfig:
     """The GPT language model's TransformerConfig (Qwen-like, multimodal rope)."""
     recompute = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
                  if c.recompute_activations else {})
@@ -163,7 +163,8 @@ def language_config(c: TinyVLMConfig, tp: int, pp: int, vpp: int | None, impl: s
         add_bias_linear=False, add_qkv_bias=True,
         mrope_section=mrope_section(c.hidden_size // c.num_attention_heads),
         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
-        **recompute, **fp8_fields(c.fp8, impl), **common_transformer_fields(tp, c.precision, cp))
+        **recompute, **fp8_fields(c.fp8, impl),
+        **common_transformer_fields(tp, c.precision, cp, sequence_parallel))
 
 
 def vision_config(c: TinyVLMConfig, tp: int) -> TransformerConfig:
@@ -234,14 +235,15 @@ class TinyVLM(VisionLanguageModel):
     """
 
     def __init__(self, c: TinyVLMConfig, *, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: int | None = None, seed: int = 1234) -> None:
+                 vp_stage: int | None = None, seed: int = 1234, sequence_parallel: bool = False) -> None:
         tp, pp, vpp = model_parallel_sizes()
         if vpp is not None and vp_stage is None:
             raise ValueError(f"the pipeline is interleaved ({vpp} virtual stages per rank): pass vp_stage")
         impl = resolve_transformer_impl(c.transformer_impl)
         cp_group = context_parallel_group()
         cp = cp_group.size()
-        lm_config = language_config(c, tp, pp, vpp if vp_stage is not None else None, impl, cp)
+        lm_config = language_config(c, tp, pp, vpp if vp_stage is not None else None, impl, cp,
+                                    sequence_parallel)
         super().__init__(config=lm_config)
         self.cp_group = cp_group
         self.tiny_config = c
@@ -260,7 +262,8 @@ class TinyVLM(VisionLanguageModel):
                 vocab_size=self.padded_vocab_size, max_sequence_length=c.seq_length,
                 pre_process=pre_process, post_process=post_process,
                 share_embeddings_and_output_weights=False, position_embedding_type="mrope",
-                rotary_base=c.rotary_base, vp_stage=vp_stage)
+                rotary_base=c.rotary_base, vp_stage=vp_stage,
+                scatter_embedding_sequence_parallel=False)  # shard_sequence scatters, after the images
         dtype = torch_dtype(c.precision)
         if dtype != torch.float32:
             self.to(dtype)  # the ViT's conv / position embedding are plain torch modules
@@ -330,10 +333,12 @@ class TinyVLM(VisionLanguageModel):
 
 @register_model("tiny_vlm")
 def build_tiny_vlm(cfg: Any, *, vocab_size: int, image_token_id: int, pre_process: bool = True,
-                   post_process: bool = True, vp_stage: int | None = None, seed: int = 1234) -> TinyVLM:
+                   post_process: bool = True, vp_stage: int | None = None, seed: int = 1234,
+                   sequence_parallel: bool = False) -> TinyVLM:
     """Tiny CLIP-ViT + GPT vision-language model (CPU-sized; ModelConfig sizes override the defaults)."""
     c = TinyVLMConfig.from_model_config(cfg, vocab_size=vocab_size, image_token_id=image_token_id)
-    model = TinyVLM(c, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=seed)
+    model = TinyVLM(c, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=seed,
+                    sequence_parallel=sequence_parallel)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

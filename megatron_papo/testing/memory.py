@@ -58,13 +58,16 @@ class MeasuredMemory:
 
 
 def measure_tiny_vlm_step(model_cfg: ModelConfig, *, vocab_size: int, image_token_id: int, micro_batch: int,
-                          seq_len: int, distributed_optimizer: bool = True, seed: int = 0) -> MeasuredMemory:
-    """Build the tiny VLM (+ megatron DDP and optimizer) in the current one-rank world, run one
-    forward/backward/optimizer step on random tokens with one image per sample, and measure."""
+                          seq_len: int, distributed_optimizer: bool = True, seed: int = 0,
+                          sequence_parallel: bool = False) -> MeasuredMemory:
+    """Build the tiny VLM (+ megatron DDP and optimizer) in the current world (any TP/CP layout of
+    megatron-core's parallel state), run one forward/backward/optimizer step on random tokens
+    with one image per sample, and measure this rank."""
     from megatron_papo.models import build_model
     from megatron_papo.optim import build_optimizer, finish_grad_sync, optimizer_step, zero_grads
 
-    model = build_model(model_cfg, vocab_size=vocab_size, image_token_id=image_token_id, seed=seed)
+    model = build_model(model_cfg, vocab_size=vocab_size, image_token_id=image_token_id, seed=seed,
+                        sequence_parallel=sequence_parallel)
     ddp_chunks, optimizer = build_optimizer([model], TrainConfig(lr=1e-4),
                                             ParallelConfig(use_distributed_optimizer=distributed_optimizer),
                                             bf16=model_cfg.precision == "bf16")
@@ -90,7 +93,8 @@ def measure_tiny_vlm_step(model_cfg: ModelConfig, *, vocab_size: int, image_toke
     activations = unique_storage_bytes(t for t in saved if _storage_key(t)[0] not in param_ptrs
                                        and t.numel() > 0 and _storage_key(t)[0] != _storage_key(logits)[0])
     saved.clear()
-    target = torch.randint(0, vocab_size, (micro_batch, seq_len), generator=gen)
+    # [B, S / cp] ids inside this TP rank's vocabulary shard (the measured step needs a loss, not a true one)
+    target = torch.randint(0, min(vocab_size, logits.shape[-1]), tuple(logits.shape[:2]), generator=gen)
     log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[..., None])
     log_probs.mean().backward()
     finish_grad_sync(ddp_chunks)

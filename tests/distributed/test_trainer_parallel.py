@@ -1,4 +1,5 @@
-"""The same first steps (1 warm-start step + 2 RL steps) at TP=2, PP=2 and CP=2 give the TP=1 run's
+"""The same first steps (1 warm-start step + 2 RL steps) at TP=2 (with and without sequence
+parallelism), PP=2 and CP=2 give the TP=1 run's
 losses and metrics, through the real CLI under torchrun, from one shared initial checkpoint.
 
 CP=2 covers the whole context-parallel path: zigzag-sharded sequences in the model (all-gather
@@ -40,7 +41,7 @@ def _run(tmp: Path, name: str, nproc: int, *extra: str) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
-def test_tp2_pp2_and_cp2_match_tp1(tmp_path):
+def test_tp2_sp_pp2_and_cp2_match_tp1(tmp_path):
     init = tmp_path / "init"
     _run(tmp_path, "init", 1, "--save-init", str(init))
     shared = f"checkpoint.init_weights={init}"
@@ -48,16 +49,17 @@ def test_tp2_pp2_and_cp2_match_tp1(tmp_path):
     tp2 = _run(tmp_path, "tp2", 2, shared, "parallel.tp=2")
     pp2 = _run(tmp_path, "pp2", 2, shared, "parallel.pp=2")
     cp2 = _run(tmp_path, "cp2", 2, shared, "parallel.cp=2")
+    sp2 = _run(tmp_path, "sp2", 2, shared, "parallel.tp=2", "parallel.sequence_parallel=true")
     assert sorted(ref) == [1, 2, 3]
     checked = 0
-    for name, run in (("tp2", tp2), ("pp2", pp2), ("cp2", cp2)):
+    for name, run in (("tp2", tp2), ("pp2", pp2), ("cp2", cp2), ("tp2_sp", sp2)):
         for step, row in ref.items():
             for k in KEYS:
                 if k in row:
                     # fp32 with different reduction orders (vocab shards, stages): 1e-4 relative
                     assert run[step][k] == pytest.approx(row[k], rel=1e-4, abs=1e-5), (name, step, k)
                     checked += 1
-    assert checked >= 3 * (1 + 2 * 8)  # every step's metrics were compared
+    assert checked >= 4 * (1 + 2 * 8)  # every step's metrics were compared
 
 
 def test_dapo_data_parallel_completes(tmp_path):

@@ -107,6 +107,7 @@ def test_apply_cpu_patches_is_idempotent_and_recorded(cpu_patches):
         "clip_vit_norm_without_te",
         "distopt_load_torch_adamw",
         "distopt_unshared_torch_adam_step",
+        "torch_norm_sequence_parallel",
     )
     mc.apply_cpu_patches()
     assert mc.applied_patches() == names
@@ -200,3 +201,20 @@ def test_dist_ckpt_adapters_pass_only_shared_arguments(monkeypatch):
     assert calls["load"] == ("/tmp/x", {"strict": "assume_ok_unexpected", "validate_access_integrity": True})
     for name, (_, kwargs) in calls.items():
         assert set(kwargs) <= set(real[name]), name
+
+
+@cpu_only
+def test_torch_norm_takes_sequence_parallel_and_marks_its_weight(cpu_patches):
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    def config(sp: bool) -> TransformerConfig:
+        return TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm",
+                                 tensor_model_parallel_size=2, sequence_parallel=sp)
+
+    plain, sp = WrappedTorchNorm(config(False), 8), WrappedTorchNorm(config(True), 8)
+    assert isinstance(sp, torch.nn.RMSNorm) and isinstance(plain, torch.nn.RMSNorm)
+    assert sp.weight.sequence_parallel is True  # finalize_model_grads sums it over TP
+    assert not getattr(plain.weight, "sequence_parallel", False)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(sp(x), plain(x))

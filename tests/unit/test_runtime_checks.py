@@ -3,7 +3,7 @@ that CPU CI can reach), and the FP8 recipe-vs-GPU rules as a pure function."""
 
 import pytest
 
-from megatron_papo import mcore_compat
+from megatron_papo import mcore_compat, runtime_checks
 from megatron_papo.config import load_config
 from megatron_papo.mcore_compat import MissingDependencyError
 from megatron_papo.runtime_checks import check_runtime, fp8_support_problem
@@ -43,7 +43,12 @@ def test_missing_transformer_engine_names_the_field(override, field):
 
 
 @pytest.mark.skipif(not NO_TE, reason="Transformer Engine is installed")
-def test_sequence_parallel_without_te():
+def test_sequence_parallel_without_te(monkeypatch):
+    # on CPU the torch norms take sequence-parallel input (mcore_compat patch) ...
+    monkeypatch.setattr(runtime_checks, "cuda_capability", lambda: None)
+    check_runtime(_cfg("parallel.tp=2", "parallel.sequence_parallel=true"))
+    # ... on a GPU it needs Transformer Engine's norms
+    monkeypatch.setattr(runtime_checks, "cuda_capability", lambda: (9, 0))
     with pytest.raises(MissingDependencyError, match="sequence_parallel"):
         check_runtime(_cfg("parallel.tp=2", "parallel.sequence_parallel=true"))
 
