@@ -116,7 +116,9 @@ class ParallelConfig:
     vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved schedule); None = off."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism inside TP (needs TE or apex norms)."""
+    """Megatron sequence parallelism inside TP (tp > 1): the language model's activations outside the
+    TP regions are split along the sequence. GPU: needs Transformer Engine's norms; CPU: torch norms
+    (mcore_compat patch)."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks."""
 
