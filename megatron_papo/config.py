@@ -496,10 +496,6 @@ def _validate_vllm(cfg: PapoConfig) -> None:
     """rollout.engine=vllm: the fields only that engine reads (these errors show on any machine;
     runtime_checks then checks that vLLM imports and that model.name is one vLLM can build)."""
     ro = cfg.rollout
-    if cfg.parallel.cp > 1:
-        raise ConfigError(f"rollout.engine=vllm with parallel.cp={cfg.parallel.cp}: not supported yet (each "
-                          "context-parallel rank would run its own vLLM on the same prompts); use "
-                          "rollout.engine=megatron, or cp=1 for rollouts of this length")
     if not 0 < ro.gpu_memory_utilization <= 1:
         raise ConfigError(f"rollout.gpu_memory_utilization: expected a value in (0, 1], got "
                           f"{ro.gpu_memory_utilization}")

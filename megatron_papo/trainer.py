@@ -190,7 +190,8 @@ def build_vllm_engine(cfg: PapoConfig, pg: ProcessGroups, tok: Tokenizer, model:
     return VLLMRolloutEngine(backend, eos_id=tok.eos_id, layout=PatchLayout.of(model),
                              banned_token_ids=banned, logprobs_mode=ro.vllm_logprobs_mode,
                              sleep_level=ro.vllm_sleep_level, bucket_bytes=ro.vllm_sync_bucket_mb << 20,
-                             pp_group=pg.pp if pg.pp_size > 1 else None)
+                             pp_group=pg.pp if pg.pp_size > 1 else None,
+                             cp_group=pg.cp if pg.cp_size > 1 else None)
 
 
 def _split_sft(num: int, cfg: PapoConfig) -> tuple[list[int], list[int]]:

@@ -12,8 +12,10 @@
 tensor-parallel size is the trainer's: vLLM groups consecutive ranks, which are megatron-core's TP
 groups, so each TP group is one vLLM replica. All ranks of a model-parallel group pass the same
 request and seed. With PP > 1 each stage's TP group holds a full replica, but only the first
-stage's generates; its result is broadcast over the pipeline group (``pp_group``). The engine starts with
-``load_format="dummy"`` (random weights) and gets real ones from :meth:`sync_weights`.
+stage's generates; its result is broadcast over the pipeline group (``pp_group``). Likewise with
+CP > 1 only context-parallel rank 0 generates and the others receive its result over ``cp_group``
+(the ranks of a cp group train on the same rows; their replicas idle while it generates). The engine
+starts with ``load_format="dummy"`` (random weights) and gets real ones from :meth:`sync_weights`.
 
 **Memory.** ``enable_sleep_mode=True``; :meth:`release` calls ``LLM.sleep(level)`` (level 2: weights
 and KV cache discarded, the next sync rewrites every weight; level 1: weights kept in CPU memory).
@@ -229,6 +231,7 @@ class VLLMRolloutEngine:
             CPU copy (``resume`` without a sync then restores them).
         bucket_bytes: default weight-sync bucket size.
         pp_group: the pipeline group (None without pipeline parallelism), see ``pp_group`` below.
+        cp_group: the context-parallel group (None without context parallelism), likewise.
 
     State: after construction vLLM holds dummy weights and is awake. ``release`` puts both tags to
     sleep; ``sync_weights`` wakes "weights" and loads; ``resume`` wakes "kv_cache" (and, at level 1,
@@ -237,7 +240,8 @@ class VLLMRolloutEngine:
 
     def __init__(self, backend: Backend, *, eos_id: int, layout: PatchLayout | None = None,
                  banned_token_ids: Sequence[int] = (), logprobs_mode: LogprobsMode = "raw_logprobs",
-                 sleep_level: int = 2, bucket_bytes: int = 1 << 30, pp_group: Any = None) -> None:
+                 sleep_level: int = 2, bucket_bytes: int = 1 << 30, pp_group: Any = None,
+                 cp_group: Any = None) -> None:
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         self.backend = backend
@@ -250,6 +254,8 @@ class VLLMRolloutEngine:
         self.pp_group = pp_group
         """With pipeline parallelism: the first stage's vLLM generates and its result is broadcast to
         the other stages (every stage must train on the same tokens)."""
+        self.cp_group = cp_group
+        """With context parallelism: cp rank 0's vLLM generates, the group receives its result."""
         self.asleep: set[str] = set()
         """Memory tags now released ("weights", "kv_cache")."""
         self.weights_synced = False
@@ -317,14 +323,19 @@ class VLLMRolloutEngine:
             raise RuntimeError(f"vLLM is asleep ({sorted(self.asleep)}): call sync_weights / resume first")
         if not self.weights_synced:
             raise RuntimeError("vLLM still holds its dummy weights: call sync_weights before generate")
-        if self.pp_group is not None:
-            import torch.distributed as dist
+        groups = [g for g in (self.cp_group, self.pp_group) if g is not None]
+        if not groups:
+            return self._generate(request, params)
+        import torch.distributed as dist
 
-            box: list[Any] = [self._generate(request, params) if dist.get_rank(self.pp_group) == 0 else None]
-            dist.broadcast_object_list(box, src=dist.get_process_group_ranks(self.pp_group)[0],
-                                       group=self.pp_group)
-            return box[0]
-        return self._generate(request, params)
+        # the rank that is first of its cp group and of its pipeline group generates; the result
+        # goes over cp first (within each stage), then down the pipeline (a later stage's cp
+        # broadcast moves a None, replaced by the pipeline broadcast from stage 0)
+        source = all(dist.get_rank(g) == 0 for g in groups)
+        box: list[Any] = [self._generate(request, params) if source else None]
+        for group in groups:
+            dist.broadcast_object_list(box, src=dist.get_process_group_ranks(group)[0], group=group)
+        return box[0]
 
     def _generate(self, request: RolloutRequest, params: SamplingParams) -> RolloutResult:
         start = time.perf_counter()

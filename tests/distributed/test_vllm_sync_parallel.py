@@ -1,7 +1,7 @@
-"""The vLLM weight sync on 2 gloo ranks, in ONE spawned run: with TP=2 and then PP=2 every rank of
-the model-parallel group hands its (fake) vLLM the same full Hugging Face tensors, bit-identical to
-the source folder (vLLM's loaders then cut each rank's shard). With PP=2 only the first stage's
-vLLM generates and every stage gets its responses."""
+"""The vLLM weight sync on 2 gloo ranks, in ONE spawned run: with TP=2, PP=2 and CP=2 every rank
+of the model-parallel group hands its (fake) vLLM the same full Hugging Face tensors, bit-identical
+to the source folder (vLLM's loaders then cut each rank's shard). With PP=2 only the first stage's
+vLLM generates and every stage gets its responses; with CP=2 only cp rank 0's."""
 
 import pytest
 import torch
@@ -55,23 +55,24 @@ def _run(rank: int, world: int, hf_dir: str, work: str) -> dict:
     out = {}
     pg = init_distributed(tp=2, seed=0)
     convert_hf_to_megatron(hf_dir, Path(work) / "tp2", pg)
-    for layout in ("tp2", "pp2"):
-        if layout == "pp2":
-            pg = init_distributed(pp=2, seed=0)
+    for layout in ("tp2", "pp2", "cp2"):
+        if layout != "tp2":
+            pg = init_distributed(**{layout[:2]: 2}, seed=0)
         model = build_for_conversion(hf_dir, pg)
         load_checkpoint(Path(work) / "tp2", [model], None, pg, load_optimizer=False, load_rng=False)
         backend = _RecordingBackend()
-        engine = VLLMRolloutEngine(backend, eos_id=2, pp_group=pg.pp if layout == "pp2" else None)
+        engine = VLLMRolloutEngine(backend, eos_id=2, pp_group=pg.pp if layout == "pp2" else None,
+                                   cp_group=pg.cp if layout == "cp2" else None)
         engine.release()
         stats = engine.sync_weights([model], pg, bucket_bytes=256 * 1024)
         out[layout] = {"loaded": backend.loaded, "buckets": stats["buckets"], "calls": backend.calls[:2]}
-        if layout == "pp2":
+        if layout != "tp2":
             from megatron_papo.rollout import RolloutRequest, SamplingParams
 
             engine.resume()
             res = engine.generate(RolloutRequest([[1, 5, 6]], images=[[]]), SamplingParams(n=2, seed=3))
-            out["pp2_responses"] = res.response_ids
-            out["pp2_generated_here"] = backend.calls.count("generate")
+            out[f"{layout}_responses"] = res.response_ids
+            out[f"{layout}_generated_here"] = backend.calls.count("generate")
     return out
 
 
@@ -84,7 +85,7 @@ def test_every_model_parallel_rank_receives_the_full_tensors(tmp_path):
     ref = load_file(str(hf / "model.safetensors"))
     results = run_distributed(_run, 2, args=(str(hf), str(tmp_path)), timeout=600)
     for rank, out in enumerate(results):
-        for layout in ("tp2", "pp2"):
+        for layout in ("tp2", "pp2", "cp2"):
             got = out[layout]["loaded"]
             assert sorted(got) == sorted(ref), f"rank {rank} {layout}: names differ"
             for name, t in ref.items():
@@ -93,5 +94,6 @@ def test_every_model_parallel_rank_receives_the_full_tensors(tmp_path):
                 assert same, f"rank {rank} {layout}: {name} differs from the HF file"
             assert out[layout]["buckets"] > 3
             assert out[layout]["calls"][:2] == [2, ("weights",)]  # slept, then only the weights woke
-        assert [list(r) for r in out["pp2_responses"]] == [[10, 2], [10, 2]]  # stage 0's (rank 0's)
-        assert out["pp2_generated_here"] == (1 if rank == 0 else 0)
+        for layout in ("pp2", "cp2"):  # stage 0's / cp rank 0's (global rank 0's) responses everywhere
+            assert [list(r) for r in out[f"{layout}_responses"]] == [[10, 2], [10, 2]], layout
+            assert out[f"{layout}_generated_here"] == (1 if rank == 0 else 0), layout
