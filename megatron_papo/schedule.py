@@ -47,8 +47,9 @@ def configure_model_for_schedule(model_chunks: Sequence[torch.nn.Module]) -> Non
 
     config = get_model_config(model_chunks[0])
     config.finalize_model_grads_func = finalize_model_grads
-    if len(model_chunks) == 1 and hasattr(model_chunks[0], "no_sync"):
-        config.no_sync_func = model_chunks[0].no_sync
+    if all(hasattr(chunk, "no_sync") for chunk in model_chunks):
+        no_sync = [chunk.no_sync for chunk in model_chunks]  # one per virtual stage (interleaved)
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
 
 
 def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[Mapping[str, Any]],
@@ -81,10 +82,22 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Seq
         return output, loss_func
 
     chunks = list(model_chunks)
+    real = len(micro_batches)
+    if len(chunks) > 1:
+        micro_batches, loss_scale = _fit_interleaved_schedule(chunks, list(micro_batches), loss_scale)
+    inert = {id(mb) for mb in micro_batches[real:]}
+
+    def step(data_iterator: Any, model: torch.nn.Module) -> tuple[Tensor, Callable]:
+        mb = next(data_iterator)
+        if id(mb) not in inert:
+            return forward_step(iter([mb]), model)
+        output = forward_fn(model, mb)  # a repeat that fills the interleaved schedule: no loss
+        return output, lambda out: (out.sum() * 0.0, {})
+
     # one iterator per virtual stage: each chunk walks the same micro-batches
     data = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
     out = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=step,
         data_iterator=data,
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(micro_batches),
@@ -92,4 +105,24 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Seq
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    return list(out or [])
+    return list(out or [])[:real]  # the last stage stores them in micro-batch order; repeats last
+
+
+def _fit_interleaved_schedule(chunks: Sequence[torch.nn.Module], micro_batches: list[Mapping[str, Any]],
+                              loss_scale: float) -> tuple[list[Mapping[str, Any]], float]:
+    """The interleaved schedule runs micro-batches in groups of N per virtual stage, pp <= N <= M,
+    and M % N must be 0 or >= pp. Use N = pp when M is a multiple of pp, else N = M; with M < pp,
+    repeat the last micro-batch up to pp (those repeats carry no loss) and scale the loss by
+    M_padded / M, since the schedule divides each loss by the number of micro-batches."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(chunks[0])
+    pp = config.pipeline_model_parallel_size
+    real = len(micro_batches)
+    if real < pp:
+        micro_batches = micro_batches + [dict(micro_batches[-1]) for _ in range(pp - real)]
+        loss_scale *= len(micro_batches) / real
+    group = pp if len(micro_batches) % pp == 0 else len(micro_batches)
+    for chunk in chunks:
+        get_model_config(chunk).microbatch_group_size_per_vp_stage = group
+    return micro_batches, loss_scale

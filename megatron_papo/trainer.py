@@ -205,25 +205,32 @@ def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
     """Tokenizer, model (+DDP, optimizer), reference model, rollout engine, data and sampler."""
     from megatron_papo.optim import LrSchedule, build_optimizer
 
-    if cfg.parallel.vpp is not None:
-        raise ValueError("parallel.vpp: the interleaved schedule is not wired into the trainer yet")
     tok = build_tokenizer(cfg)
 
-    def make_model() -> torch.nn.Module:
-        model = build_model(cfg.model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
-                            pre_process=pg.is_first_pp_stage, post_process=pg.is_last_pp_stage,
-                            seed=cfg.train.seed, sequence_parallel=cfg.parallel.sequence_parallel)
-        if cfg.model.freeze_vision_tower:
-            model.freeze_vision()  # before DDP / the optimizer: they only take trainable parameters
-        return model
+    def make_chunks() -> list[torch.nn.Module]:
+        """This rank's model: one chunk, or one per virtual pipeline stage (parallel.vpp)."""
+        from megatron.core import parallel_state as ps
 
-    chunks = [make_model()]
+        out = []
+        for vp_stage in range(cfg.parallel.vpp or 1):
+            stage = vp_stage if cfg.parallel.vpp is not None else None
+            model = build_model(
+                cfg.model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=stage is None, vp_stage=stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=stage is None, vp_stage=stage),
+                vp_stage=stage, seed=cfg.train.seed, sequence_parallel=cfg.parallel.sequence_parallel)
+            if cfg.model.freeze_vision_tower:
+                model.freeze_vision()  # before DDP / the optimizer: they only take trainable parameters
+            out.append(model)
+        return out
+
+    chunks = make_chunks()
     ddp_chunks, optimizer = build_optimizer(chunks, cfg.train, cfg.parallel,
                                             bf16=cfg.model.precision == "bf16")
     configure_model_for_schedule(ddp_chunks)
     ref = None
     if cfg.loss.ref_kl_coef > 0:
-        ref = [make_model()]
+        ref = make_chunks()
         for m in ref:
             m.requires_grad_(False)
     model = chunks[0]

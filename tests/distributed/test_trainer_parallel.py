@@ -1,5 +1,6 @@
 """The same first steps (1 warm-start step + 2 RL steps) at TP=2 (with and without sequence
-parallelism), PP=2 and CP=2 give the TP=1 run's
+parallelism), PP=2 (with and without virtual stages: 4 layers, 2 chunks per rank) and CP=2 give the
+TP=1 run's
 losses and metrics, through the real CLI under torchrun, from one shared initial checkpoint.
 
 CP=2 covers the whole context-parallel path: zigzag-sharded sequences in the model (all-gather
@@ -21,7 +22,7 @@ OVERRIDES = [
     "train.update_prompts=4", "rollout.n=2", "rollout.max_new_tokens=5", "train.micro_batch_size=4",
     "data.limit=200", "evaluation.interval=-1", "logging.progress_bar=false", "logging.tensorboard=false",
     "train.lr=3e-4", "loss.kl_prcp_mode=full", "loss.entropy_mode=full", "loss.masked_grad=true",
-    "algorithm.name=papo_g",
+    "algorithm.name=papo_g", "model.num_layers=4",
 ]
 KEYS = ["sft_nll", "reward/mean", "pg_loss", "kl_prcp", "entropy_orig", "entropy_mask", "ref_kl", "loss",
         "grad_norm", "response_length"]
@@ -41,7 +42,7 @@ def _run(tmp: Path, name: str, nproc: int, *extra: str) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
-def test_tp2_sp_pp2_and_cp2_match_tp1(tmp_path):
+def test_tp2_sp_pp2_vpp_and_cp2_match_tp1(tmp_path):
     init = tmp_path / "init"
     _run(tmp_path, "init", 1, "--save-init", str(init))
     shared = f"checkpoint.init_weights={init}"
@@ -50,16 +51,19 @@ def test_tp2_sp_pp2_and_cp2_match_tp1(tmp_path):
     pp2 = _run(tmp_path, "pp2", 2, shared, "parallel.pp=2")
     cp2 = _run(tmp_path, "cp2", 2, shared, "parallel.cp=2")
     sp2 = _run(tmp_path, "sp2", 2, shared, "parallel.tp=2", "parallel.sequence_parallel=true")
+    # one micro-batch of 8 rows per pass: fewer than pp, so the interleaved schedule is filled with
+    # loss-free repeats (schedule._fit_interleaved_schedule); the token means must not change
+    vpp = _run(tmp_path, "vpp", 2, shared, "parallel.pp=2", "parallel.vpp=2", "train.micro_batch_size=8")
     assert sorted(ref) == [1, 2, 3]
     checked = 0
-    for name, run in (("tp2", tp2), ("pp2", pp2), ("cp2", cp2), ("tp2_sp", sp2)):
+    for name, run in (("tp2", tp2), ("pp2", pp2), ("cp2", cp2), ("tp2_sp", sp2), ("pp2_vpp2", vpp)):
         for step, row in ref.items():
             for k in KEYS:
                 if k in row:
                     # fp32 with different reduction orders (vocab shards, stages): 1e-4 relative
                     assert run[step][k] == pytest.approx(row[k], rel=1e-4, abs=1e-5), (name, step, k)
                     checked += 1
-    assert checked >= 4 * (1 + 2 * 8)  # every step's metrics were compared
+    assert checked >= 5 * (1 + 2 * 8)  # every step's metrics were compared
 
 
 def test_dapo_data_parallel_completes(tmp_path):
