@@ -290,6 +290,8 @@ class RunShape:
     pp: int = 1
     cp: int = 1
     dp: int = 1
+    vpp: int = 1
+    """Virtual pipeline stages per rank (interleaved 1F1B; 1 = off)."""
     micro_batch: int = 1
     """Responses per forward/backward micro-batch."""
     prompt_len: int = 1024
@@ -327,7 +329,7 @@ class RunShape:
         return self.prompt_len + self.response_len
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp", "dp", "micro_batch", "num_microbatches", "images_per_sample"):
+        for name in ("tp", "pp", "cp", "dp", "vpp", "micro_batch", "num_microbatches", "images_per_sample"):
             if getattr(self, name) < 1 and not (name == "images_per_sample" and getattr(self, name) == 0):
                 raise ValueError(f"RunShape.{name}: expected >= 1, got {getattr(self, name)}")
         if self.precision == "fp8" and self.impl != "transformer_engine":
@@ -496,7 +498,12 @@ def _stage_plan(arch: Architecture, run: RunShape, stage: Literal["first", "last
         notes["reference model"] = "frozen copy of the weights (loss.ref_kl_coef > 0)"
 
     # Activations: 1F1B keeps min(pp, M) micro-batches in flight on the first stage, fewer later.
-    in_flight = min(run.pp, run.num_microbatches) if first else 1
+    # Interleaved (vpp > 1, Narayanan et al. 2021): the first stage holds (1 + (pp - 1) / (pp vpp))
+    # times as much: its warm-up runs (pp - 1) * 2 + (vpp - 1) * pp + 1 chunk-micro-batches of
+    # layers / (pp vpp) layers each (not measured: CPU measurement covers one stage, no schedule).
+    in_flight = float(min(run.pp, run.num_microbatches)) if first else 1.0
+    if first and run.vpp > 1 and run.pp > 1:
+        in_flight *= 1 + (run.pp - 1) / (run.pp * run.vpp)
     branches = 2 if run.masked_grad else 1
     rows_mb = run.micro_batch * branches
     tokens = rows_mb * math.ceil(run.seq_len / run.cp)
@@ -506,15 +513,15 @@ def _stage_plan(arch: Architecture, run: RunShape, stage: Literal["first", "last
     sp_div = run.tp if run.sequence_parallel else 1
     if run.recompute:
         checkpoint = int(tokens * lm.hidden_size * act / sp_div)
-        lm_act = in_flight * layers * checkpoint
-        notes["activations"] = (f"full recompute: {layers} layer inputs x {in_flight} micro-batch(es) "
+        lm_act = int(in_flight * layers * checkpoint)
+        notes["activations"] = (f"full recompute: {layers} layer inputs x {in_flight:g} micro-batch(es) "
                                 "in flight")
     else:
-        lm_act = in_flight * layers * per_layer
-        notes["activations"] = (f"{layers} layers x {per_layer / GIB:.3f} GiB x {in_flight} micro-batch(es) "
-                                "in flight")
+        lm_act = int(in_flight * layers * per_layer)
+        notes["activations"] = (f"{layers} layers x {per_layer / GIB:.3f} GiB x {in_flight:g} "
+                                "micro-batch(es) in flight")
     if run.impl == "local" or run.cp > 1:  # the [b, 1, s / cp, s] bool mask, shared by the layers
-        lm_act += in_flight * rows_mb * math.ceil(run.seq_len / run.cp) * run.seq_len
+        lm_act += int(in_flight * rows_mb * math.ceil(run.seq_len / run.cp) * run.seq_len)
     if last:  # final norm (input, x * rstd for torch norms) + output-layer input
         lm_act += (3 if run.impl == "local" else 2) * tokens * lm.hidden_size * act // sp_div
     vis_act = 0
@@ -526,7 +533,7 @@ def _stage_plan(arch: Architecture, run: RunShape, stage: Literal["first", "last
         pf = v.projector_ffn or v.projector_in
         projector = merged * (v.projector_in + 2 * pf) * act  # input, fc1 output, activation output
         pixels = patches * 3 * v.temporal_patch * v.patch_size**2 * act  # the patch-embedding input
-        vis_act = in_flight * (vis_layer * v.num_layers + projector + pixels)
+        vis_act = int(in_flight * (vis_layer * v.num_layers + projector + pixels))
         notes["activations"] += f"; vision tower + projector {vis_act / GIB:.3f} GiB"
     rows["activations"] = lm_act + vis_act
     if run.recompute:

@@ -90,7 +90,7 @@ def run_from_config(cfg: Any, gpus: int | None) -> dict[str, Any]:
     precision = "fp8" if cfg.model.fp8 != "none" else ("bf16" if cfg.model.precision != "fp32" else "fp32")
     mp = par.tp * par.pp * par.cp
     fields: dict[str, Any] = dict(
-        tp=par.tp, pp=par.pp, cp=par.cp, micro_batch=cfg.train.micro_batch_size,
+        tp=par.tp, pp=par.pp, cp=par.cp, vpp=par.vpp or 1, micro_batch=cfg.train.micro_batch_size,
         prompt_len=cfg.data.max_prompt_length, response_len=cfg.rollout.max_new_tokens,
         num_microbatches=max(1, cfg.train.update_prompts * cfg.rollout.n // cfg.train.micro_batch_size),
         precision=precision, sequence_parallel=par.sequence_parallel,
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--cp", type=int)
+    p.add_argument("--vpp", type=int, help="virtual pipeline stages per rank (interleaved schedule)")
     p.add_argument("--dp", type=int)
     p.add_argument("--gpus", type=int, help="total GPUs: dp = gpus / (tp*pp*cp)")
     p.add_argument("--micro-batch", type=int)
@@ -148,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_FLAG_FIELDS = ("tp", "pp", "cp", "dp", "micro_batch", "num_microbatches", "prompt_len", "response_len",
-                "images_per_sample", "image_patches", "precision", "impl", "sequence_parallel", "recompute",
-                "distributed_optimizer", "reference_model", "masked_grad", "vllm_mode",
-                "vllm_gpu_memory_utilization", "vllm_tp")
+_FLAG_FIELDS = ("tp", "pp", "cp", "dp", "vpp", "micro_batch", "num_microbatches", "prompt_len",
+                "response_len", "images_per_sample", "image_patches", "precision", "impl",
+                "sequence_parallel", "recompute", "distributed_optimizer", "reference_model",
+                "masked_grad", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tp")
 
 
 def validate_on_cpu() -> int:

@@ -51,6 +51,17 @@ def test_distributed_optimizer_shards_state_and_recompute_cuts_activations():
     assert grad_branch.update_peak > sharded.update_peak
 
 
+def test_interleaving_raises_first_stage_activations_by_the_schedule_factor():
+    arch = PRESETS["qwen2_5_vl_72b"]
+    base = RunShape(tp=8, pp=4, dp=2, micro_batch=1, prompt_len=1024, response_len=1024, images_per_sample=0,
+                    num_microbatches=16, impl="local")
+    plain = plan_memory(arch, base)
+    inter = plan_memory(arch, RunShape(**{**base.__dict__, "vpp": 5}))
+    # (1 + (pp - 1) / (pp * vpp)) on the language model's layers (the mask too; no images here)
+    assert inter.rows["activations"] == pytest.approx(plain.rows["activations"] * (1 + 3 / 20), rel=1e-3)
+    assert inter.rows["weights"] == plain.rows["weights"]
+
+
 def test_vllm_share_and_verdict():
     arch, gpu = PRESETS["qwen2_5_vl_7b"], parse_gpu("h100-80gb")
     run = RunShape(tp=4, dp=2, micro_batch=2, prompt_len=4096, response_len=2048, recompute=True,
