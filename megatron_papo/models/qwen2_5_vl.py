@@ -164,8 +164,8 @@ class Qwen25VLArch:
         """Image sides must be multiples of this (patch * merge = 28 for Qwen2.5-VL)."""
         return self.patch_size * self.spatial_merge_size
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """ValueError naming the sizes when TP / PP do not divide the architecture."""
+    def check_parallel(self, tp: int, pp: int, vpp: int | None = None) -> None:
+        """ValueError naming the sizes when TP / PP (x virtual stages) do not divide the architecture."""
         if self.num_attention_heads % tp:
             raise ValueError(f"tensor parallel size {tp} does not divide the {self.num_attention_heads} "
                              "attention heads (num_attention_heads)")
@@ -178,6 +178,9 @@ class Qwen25VLArch:
         if self.num_layers % pp:
             raise ValueError(f"pipeline parallel size {pp} does not divide the {self.num_layers} layers "
                              "(num_hidden_layers)")
+        if vpp is not None and self.num_layers % (pp * vpp):
+            raise ValueError(f"pipeline parallel size {pp} x {vpp} virtual stages does not divide the "
+                             f"{self.num_layers} layers (num_hidden_layers)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +345,7 @@ class Qwen25VL(VisionLanguageModel):
         tp, pp, vpp = model_parallel_sizes()
         if vpp is not None and vp_stage is None:
             raise ValueError(f"the pipeline is interleaved ({vpp} virtual stages per rank): pass vp_stage")
-        arch.check_parallel(tp, pp)
+        arch.check_parallel(tp, pp, vpp)
         factor = arch.image_factor
         if image_size is not None:
             if image_size < factor or image_size % factor:

@@ -230,7 +230,10 @@ def test_tp_not_dividing_heads_is_named(hf_dir):
         arch.check_parallel(3, 1)
     with pytest.raises(ValueError, match="pipeline parallel size 3 does not divide the 4 layers"):
         arch.check_parallel(1, 3)
+    with pytest.raises(ValueError, match="pipeline parallel size 2 x 4 virtual stages does not divide the 4"):
+        arch.check_parallel(1, 2, 4)
     arch.check_parallel(2, 2)
+    arch.check_parallel(1, 2, 2)
 
 
 def test_missing_shards_and_tensors_are_named(hf_dir, tmp_path, pg):
