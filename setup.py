@@ -11,11 +11,12 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch>=2.4",
     # 0.16.1 is the newest megatron-core that declares Python 3.11; 0.17+ declare >=3.12.
-    # mcore_compat.py absorbs the API differences up to 0.19.x. See docs/VERSIONS.md.
+    # mcore_versions.py (re-exported by mcore_compat) absorbs the API differences up to 0.19.x.
+    # See docs/VERSIONS.md.
     "megatron-core>=0.16.1,<0.20",
     "numpy<2.5",  # numpy 2.5 ships no cp311 wheel
     "pyyaml>=6.0",
-    "packaging>=21",  # version comparisons in mcore_compat
+    "packaging>=21",  # version comparisons in mcore_versions
     "psutil>=5.9",  # undeclared need of megatron-core's torch_dist checkpoint writer
     "tqdm>=4.60",
     "pillow>=10.0",

@@ -2,25 +2,28 @@
 
 Three jobs, each small:
 
-1. **Importing megatron-core safely** (:func:`import_megatron_core`). Importing this module
-   registers a placeholder for the single unguarded ``import triton`` of megatron-core 0.19.x
+1. **Importing megatron-core safely** (:func:`import_megatron_core`, in this module). Importing this
+   module registers a placeholder for the single unguarded ``import triton`` of megatron-core 0.19.x
    (``transformer/moe/ops/paged_stash.py``) when triton is absent; it does not import
    megatron-core itself. :func:`import_megatron_core` then imports it and turns the two known
    failure modes (not installed; Transformer Engine installed but unloadable) into a
    ``RuntimeError`` that says what to do.
 
-2. **Running megatron-core on CPU** (:func:`apply_cpu_patches`). megatron-core assumes CUDA in
-   a few dozen places (RNG tracker, scratch buffers, ``device="cuda"`` literals, streams,
-   ``param.type() == 'torch.cuda.FloatTensor'``). On a machine without CUDA the patches below
-   send all of that to the CPU. Each patch is a named function whose docstring says which
+2. **Running megatron-core on CPU** (:func:`apply_cpu_patches`, in this module). megatron-core
+   assumes CUDA in a few dozen places (RNG tracker, scratch buffers, ``device="cuda"`` literals,
+   streams, ``param.type() == 'torch.cuda.FloatTensor'``). On a machine without CUDA the patches
+   below send all of that to the CPU. Each patch is a named function whose docstring says which
    megatron-core call fails without it and how. Nothing is patched when CUDA is available.
 
 3. **Absorbing version differences** between the supported megatron-core releases
    (``>=0.16.1,<0.20``; see docs/VERSIONS.md): :data:`MCORE_VERSION` and one tiny adapter per
-   API difference that the project meets.
+   API difference that the project meets, in :mod:`megatron_papo.mcore_versions`.
 
 Plus dependency probes for the optional GPU stack (:func:`have_transformer_engine`, ...,
-:func:`require`).
+:func:`require`), in :mod:`megatron_papo.optional_deps`.
+
+This module re-exports every name of those two modules: ``from megatron_papo.mcore_compat import X``
+and ``mcore_compat.X`` keep working for the version adapters and the probes.
 """
 
 from __future__ import annotations
@@ -28,9 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import importlib.metadata
 import importlib.util
-import inspect
 import os
 import sys
 import time
@@ -38,7 +39,32 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from packaging.version import InvalidVersion, Version
+from megatron_papo.mcore_versions import (
+    MCORE_VERSION,
+    SUPPORTED_MCORE,
+    _accepts,  # noqa: F401
+    _installed_mcore_version,  # noqa: F401
+    _mcore_file_exists,
+    _mcore_path,  # noqa: F401
+    cross_entropy_takes_tp_group,
+    dist_ckpt_load,
+    dist_ckpt_save,
+    llava_hybrid_pattern_kwarg,
+    mcore_at_least,
+    mlp_submodules,
+    vocab_parallel_cross_entropy,
+)
+from megatron_papo.optional_deps import (
+    _ALIASES,  # noqa: F401
+    _FEATURES,  # noqa: F401
+    MissingDependencyError,
+    _importable,  # noqa: F401
+    have_apex,
+    have_transformer_engine,
+    have_triton,
+    have_vllm,
+    require,
+)
 
 __all__ = [
     "MCORE_VERSION",
@@ -62,141 +88,7 @@ __all__ = [
     "vocab_parallel_cross_entropy",
 ]
 
-SUPPORTED_MCORE = ">=0.16.1,<0.20"
 _INSTALL_MCORE = f'pip install "megatron-core{SUPPORTED_MCORE}"'
-
-
-# ---------------------------------------------------------------------------------------------
-# Versions
-# ---------------------------------------------------------------------------------------------
-def _mcore_path(relpath: str) -> str | None:
-    """Path of megatron/core/<relpath> on sys.path if it exists, found without importing megatron.core."""
-    try:
-        spec = importlib.util.find_spec("megatron")
-    except (ImportError, ValueError):
-        return None
-    for directory in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = os.path.join(directory, "core", relpath)
-        if os.path.exists(path):
-            return path
-    return None
-
-
-def _mcore_file_exists(relpath: str) -> bool:
-    """Whether megatron/core/<relpath> exists, found without importing megatron.core."""
-    return _mcore_path(relpath) is not None
-
-
-def _installed_mcore_version() -> Version | None:
-    """Version of the megatron-core that ``import megatron.core`` would load, found without
-    importing it: its package_info.py (right for source checkouts on PYTHONPATH too), else
-    the installed distribution's metadata."""
-    path = _mcore_path("package_info.py")
-    if path is not None:
-        try:
-            namespace: dict[str, Any] = {}
-            with open(path) as f:
-                exec(compile(f.read(), path, "exec"), namespace)  # constants only
-            return Version(namespace["__version__"])
-        except Exception:
-            pass
-    try:
-        return Version(importlib.metadata.version("megatron-core"))
-    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
-        return None
-
-
-MCORE_VERSION: Version | None = _installed_mcore_version()
-"""Installed megatron-core version (``packaging.version.Version``), or None if not installed."""
-
-
-def mcore_at_least(version: str) -> bool:
-    """True if the installed megatron-core is at least ``version`` (False when not installed)."""
-    return MCORE_VERSION is not None and MCORE_VERSION >= Version(version)
-
-
-# ---------------------------------------------------------------------------------------------
-# Dependency probes (lazy, cached, never raising)
-# ---------------------------------------------------------------------------------------------
-class MissingDependencyError(ImportError):
-    """An optional dependency that the requested feature needs is absent or cannot load."""
-
-
-def _importable(*modules: str) -> bool:
-    """True if every module imports; any exception (ImportError, OSError, RuntimeError) -> False."""
-    try:
-        if importlib.util.find_spec(modules[0].split(".")[0]) is None:
-            return False
-        for name in modules:
-            importlib.import_module(name)
-        return True
-    except Exception:
-        return False
-
-
-@functools.cache
-def have_transformer_engine() -> bool:
-    """Transformer Engine's PyTorch API imports (needs CUDA libraries)."""
-    return _importable("transformer_engine", "transformer_engine.pytorch")
-
-
-@functools.cache
-def have_apex() -> bool:
-    """NVIDIA apex with its optimizers imports (the PyPI package named ``apex`` is unrelated)."""
-    return _importable("apex", "apex.optimizers")
-
-
-@functools.cache
-def have_vllm() -> bool:
-    """vLLM imports (its wheels pin a CUDA build of torch)."""
-    return _importable("vllm")
-
-
-@functools.cache
-def have_triton() -> bool:
-    """Triton imports."""
-    return _importable("triton")
-
-
-_FEATURES: dict[str, tuple[Callable[[], bool], str]] = {
-    "transformer_engine": (
-        have_transformer_engine,
-        "Transformer Engine is needed (TE layer specs, fp8, context parallel attention). "
-        "Install the GPU extra on a CUDA machine: pip install megatron_papo[gpu], or use an "
-        "NGC PyTorch container, which ships it.",
-    ),
-    "apex": (
-        have_apex,
-        "NVIDIA apex is needed. It comes with the NGC PyTorch containers, or build it from "
-        "https://github.com/NVIDIA/apex. Do not `pip install apex`: that PyPI package is an "
-        "unrelated web library.",
-    ),
-    "vllm": (
-        have_vllm,
-        "vLLM is needed for the vLLM rollout engine. Install the GPU extra on a CUDA machine: "
-        "pip install megatron_papo[gpu] (vLLM wheels pin a CUDA torch; not for CPU machines). "
-        "On CPU use the Megatron rollout engine instead.",
-    ),
-    "triton": (
-        have_triton,
-        "Triton is needed for the fused GPU kernels. It is installed with CUDA builds of torch "
-        "and in NGC containers (pip install megatron_papo[gpu] on a CUDA machine).",
-    ),
-}
-_ALIASES = {"te": "transformer_engine", "transformer-engine": "transformer_engine"}
-
-
-def require(feature: str) -> None:
-    """Raise :class:`MissingDependencyError` with an install hint if ``feature`` is unavailable.
-
-    ``feature`` is one of ``transformer_engine`` (alias ``te``), ``apex``, ``vllm``, ``triton``.
-    """
-    key = _ALIASES.get(feature.lower(), feature.lower())
-    if key not in _FEATURES:
-        raise ValueError(f"unknown feature {feature!r}; known: {sorted(_FEATURES)}")
-    probe, hint = _FEATURES[key]
-    if not probe():
-        raise MissingDependencyError(f"{key} is not available. {hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,97 +490,3 @@ def revert_cpu_patches() -> None:
         else:
             setattr(owner, name, original)
     _APPLIED.clear()
-
-
-# ---------------------------------------------------------------------------------------------
-# Version adapters (0.16.1 vs 0.19.x)
-# ---------------------------------------------------------------------------------------------
-def mlp_submodules(mlp_spec: Any) -> Any:
-    """The ``MLPSubmodules`` (linear_fc1, linear_fc2, ...) of a layer spec's ``mlp`` entry.
-
-    0.16: ``ModuleSpec(module=MLP, submodules=MLPSubmodules(...))``;
-    0.19: ``functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))``.
-    Example: ``mlp_submodules(get_gpt_layer_local_spec().submodules.mlp)``.
-    """
-    if isinstance(mlp_spec, functools.partial):
-        return mlp_spec.keywords["submodules"]
-    return mlp_spec.submodules
-
-
-def _accepts(fn: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-@functools.cache
-def llava_hybrid_pattern_kwarg() -> str:
-    """LLaVAModel's keyword for a hybrid (Mamba) language model's layer pattern:
-    ``hybrid_override_pattern`` (0.16) or ``hybrid_layer_pattern`` (0.19)."""
-    from megatron.core.models.multimodal.llava_model import LLaVAModel
-
-    if _accepts(LLaVAModel.__init__, "hybrid_layer_pattern"):
-        return "hybrid_layer_pattern"
-    return "hybrid_override_pattern"
-
-
-@functools.cache
-def cross_entropy_takes_tp_group() -> bool:
-    """Whether megatron-core's ``vocab_parallel_cross_entropy`` accepts ``tp_group`` (0.19+)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as ce
-
-    return _accepts(ce, "tp_group")
-
-
-def vocab_parallel_cross_entropy(vocab_parallel_logits, target, label_smoothing: float = 0.0,
-                                 tp_group=None):
-    """megatron-core's ``vocab_parallel_cross_entropy`` with an explicit ``tp_group`` on every version.
-
-    Before 0.19 the function always reduces over parallel_state's tensor-parallel group; a
-    different ``tp_group`` is then a ValueError. NOTE: megatron-core overwrites
-    ``vocab_parallel_logits`` in place; pass a copy if the logits are needed afterwards.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as ce
-
-    if cross_entropy_takes_tp_group():
-        return ce(vocab_parallel_logits, target, label_smoothing, tp_group=tp_group)
-    if tp_group is not None and tp_group is not parallel_state.get_tensor_model_parallel_group():
-        raise ValueError(
-            f"megatron-core {MCORE_VERSION} reduces cross entropy over parallel_state's "
-            "tensor-parallel group only; got a different tp_group")
-    return ce(vocab_parallel_logits, target, label_smoothing)
-
-
-def dist_ckpt_save(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike, *,
-                   async_save: bool = False, content_metadata: dict | None = None,
-                   validate_access_integrity: bool = True):
-    """``dist_checkpointing.save`` with the default torch_dist strategy on every version.
-
-    Uses only the arguments both versions share. 0.16 also takes ``common_strategy`` and
-    strategy tuples; 0.19 drops them (always torch_dist) and defaults async saves to NVIDIA
-    resiliency-ext ("nvrx"), so without it the built-in "mcore" async strategy is chosen.
-    Returns the AsyncRequest when ``async_save`` (the caller schedules it), else None.
-    """
-    from megatron.core import dist_checkpointing
-
-    kwargs: dict[str, Any] = dict(async_sharded_save=async_save, content_metadata=content_metadata,
-                                  validate_access_integrity=validate_access_integrity)
-    if async_save and _accepts(dist_checkpointing.save, "async_strategy") and not _importable(
-            "nvidia_resiliency_ext"):
-        kwargs["async_strategy"] = "mcore"
-    return dist_checkpointing.save(sharded_state_dict, str(checkpoint_dir), **kwargs)
-
-
-def dist_ckpt_load(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike, *,
-                   strict: str = "assume_ok_unexpected", validate_access_integrity: bool = True):
-    """``dist_checkpointing.load`` with the arguments both versions share.
-
-    (0.16 also takes ``common_strategy``; 0.19 adds ``process_group``/``verify_integrity``.)
-    0.19 reads checkpoints written by 0.16; 0.16 cannot read those written by 0.19.
-    """
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir), strict=strict,
-                                   validate_access_integrity=validate_access_integrity)
