@@ -12,10 +12,11 @@
 tensor-parallel size is the trainer's: vLLM groups consecutive ranks, which are megatron-core's TP
 groups, so each TP group is one vLLM replica. All ranks of a model-parallel group pass the same
 request and seed. With PP > 1 each stage's TP group holds a full replica, but only the first
-stage's generates; its result is broadcast over the pipeline group (``pp_group``). Likewise with
-CP > 1 only context-parallel rank 0 generates and the others receive its result over ``cp_group``
-(the ranks of a cp group train on the same rows; their replicas idle while it generates). The engine
-starts with ``load_format="dummy"`` (random weights) and gets real ones from :meth:`sync_weights`.
+stage's generates; its result is broadcast over the pipeline group (``pp_group``). With CP > 1 the
+ranks of a cp group train on the same rows and each holds a replica: the request's prompts are split
+into cp contiguous slices, each replica answers its slice (every row keeps its seed), and the slices
+are all-gathered over ``cp_group``, so generation runs cp times wider. The engine starts with
+``load_format="dummy"`` (random weights) and gets real ones from :meth:`sync_weights`.
 
 **Memory.** ``enable_sleep_mode=True``; :meth:`release` calls ``LLM.sleep(level)`` (level 2: weights
 and KV cache discarded, the next sync rewrites every weight; level 1: weights kept in CPU memory).
@@ -231,7 +232,8 @@ class VLLMRolloutEngine:
             CPU copy (``resume`` without a sync then restores them).
         bucket_bytes: default weight-sync bucket size.
         pp_group: the pipeline group (None without pipeline parallelism), see ``pp_group`` below.
-        cp_group: the context-parallel group (None without context parallelism), likewise.
+        cp_group: the context-parallel group (None without context parallelism): its replicas
+            answer consecutive slices of each request (module docstring).
 
     State: after construction vLLM holds dummy weights and is awake. ``release`` puts both tags to
     sleep; ``sync_weights`` wakes "weights" and loads; ``resume`` wakes "kv_cache" (and, at level 1,
@@ -255,7 +257,7 @@ class VLLMRolloutEngine:
         """With pipeline parallelism: the first stage's vLLM generates and its result is broadcast to
         the other stages (every stage must train on the same tokens)."""
         self.cp_group = cp_group
-        """With context parallelism: cp rank 0's vLLM generates, the group receives its result."""
+        """With context parallelism: each replica of the group answers one slice of the prompts."""
         self.asleep: set[str] = set()
         """Memory tags now released ("weights", "kv_cache")."""
         self.weights_synced = False
@@ -323,25 +325,38 @@ class VLLMRolloutEngine:
             raise RuntimeError(f"vLLM is asleep ({sorted(self.asleep)}): call sync_weights / resume first")
         if not self.weights_synced:
             raise RuntimeError("vLLM still holds its dummy weights: call sync_weights before generate")
-        groups = [g for g in (self.cp_group, self.pp_group) if g is not None]
-        if not groups:
+        if self.cp_group is None and self.pp_group is None:
             return self._generate(request, params)
         import torch.distributed as dist
 
-        # the rank that is first of its cp group and of its pipeline group generates; the result
-        # goes over cp first (within each stage), then down the pipeline (a later stage's cp
-        # broadcast moves a None, replaced by the pipeline broadcast from stage 0)
-        source = all(dist.get_rank(g) == 0 for g in groups)
-        box: list[Any] = [self._generate(request, params) if source else None]
-        for group in groups:
-            dist.broadcast_object_list(box, src=dist.get_process_group_ranks(group)[0], group=group)
+        # the first pipeline stage generates (its cp ranks one slice each, then all-gathered); the
+        # result then goes down the pipeline. Later stages' cp all-gathers move Nones, replaced by
+        # the pipeline broadcast from stage 0.
+        first_stage = self.pp_group is None or dist.get_rank(self.pp_group) == 0
+        if self.cp_group is None:
+            result = self._generate(request, params) if first_stage else None
+        else:
+            rank, size = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
+            start, stop = cp_slice(len(request), rank, size)
+            part = None
+            if first_stage and stop > start:
+                part = self._generate(request_slice(request, start, stop), params, first_prompt=start)
+            parts: list[Any] = [None] * size
+            dist.all_gather_object(parts, part, group=self.cp_group)
+            result = RolloutResult.concat([p for p in parts if p is not None]) if first_stage else None
+        if self.pp_group is None:
+            return result
+        box: list[Any] = [result]
+        source = dist.get_process_group_ranks(self.pp_group)[0]
+        dist.broadcast_object_list(box, src=source, group=self.pp_group)
         return box[0]
 
-    def _generate(self, request: RolloutRequest, params: SamplingParams) -> RolloutResult:
+    def _generate(self, request: RolloutRequest, params: SamplingParams,
+                  first_prompt: int = 0) -> RolloutResult:
         start = time.perf_counter()
         prompts = request_to_prompts(request, self.layout)
         kwargs = sampling_kwargs(params, num_prompts=len(request), eos_id=self.eos_id,
-                                 banned_token_ids=self.banned_token_ids)
+                                 banned_token_ids=self.banned_token_ids, first_prompt=first_prompt)
         outputs = self.backend.generate(prompts, kwargs)
         result = outputs_to_result(request, params, outputs, stop_ids=kwargs[0]["stop_token_ids"],
                                    logprobs_mode=self.logprobs_mode)
@@ -365,6 +380,20 @@ def sync_weights(engine: VLLMRolloutEngine, model_chunks: Sequence[torch.nn.Modu
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return {"sync_seconds": time.perf_counter() - start, **stats}
+
+
+def cp_slice(num_prompts: int, rank: int, size: int) -> tuple[int, int]:
+    """[start, stop) of the prompts context-parallel rank ``rank`` of ``size`` answers: contiguous,
+    sizes differing by at most one, the larger ones first (a slice may be empty)."""
+    base, extra = divmod(num_prompts, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def request_slice(request: RolloutRequest, start: int, stop: int) -> RolloutRequest:
+    """Prompts [start, stop) of ``request`` (with their images and global indices)."""
+    return RolloutRequest(request.prompt_ids[start:stop], images=request.images[start:stop],
+                          prompt_indices=request.prompt_indices[start:stop])
 
 
 def check_consecutive_tp(tp_ranks: Sequence[int]) -> None:

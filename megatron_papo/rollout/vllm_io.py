@@ -188,7 +188,7 @@ def _need(layout: PatchLayout | None) -> PatchLayout:
 # SamplingParams -> vLLM SamplingParams kwargs
 # ---------------------------------------------------------------------------------------------
 def sampling_kwargs(params: SamplingParams, *, num_prompts: int, eos_id: int,
-                    banned_token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
+                    banned_token_ids: Sequence[int] = (), first_prompt: int = 0) -> list[dict[str, Any]]:
     """Keyword arguments of ``vllm.SamplingParams``, one dict per prompt.
 
     One to one: n, temperature, top_p, top_k (-1 = off in both), max_new_tokens -> max_tokens,
@@ -196,7 +196,8 @@ def sampling_kwargs(params: SamplingParams, *, num_prompts: int, eos_id: int,
     ``logprobs=0`` (the sampled token's log-prob only), ``detokenize=False`` (token ids are all we
     read). ``banned_token_ids`` get ``logit_bias`` -100. Seeds: vLLM gives the k-th of n children
     ``seed + k``; prompt i gets ``seed + i * n`` so row r = i * n + k draws with ``seed + r`` (rows
-    never share a stream).
+    never share a stream). ``first_prompt``: the request-wide index of the first of these prompts,
+    when a request is split over several engines (each row keeps its seed).
     """
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
@@ -212,7 +213,7 @@ def sampling_kwargs(params: SamplingParams, *, num_prompts: int, eos_id: int,
         if clash:
             raise ValueError(f"banned_token_ids {clash} are also stop tokens (eos_id / stop_token_ids)")
         base["logit_bias"] = {int(t): BAN_BIAS for t in sorted(set(banned_token_ids))}
-    return [{**base, "seed": params.seed + i * params.n} for i in range(num_prompts)]
+    return [{**base, "seed": params.seed + (first_prompt + i) * params.n} for i in range(num_prompts)]
 
 
 def plain_sampling(params: SamplingParams) -> bool:

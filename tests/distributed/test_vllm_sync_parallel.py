@@ -1,7 +1,8 @@
 """The vLLM weight sync on 2 gloo ranks, in ONE spawned run: with TP=2, PP=2 and CP=2 every rank
 of the model-parallel group hands its (fake) vLLM the same full Hugging Face tensors, bit-identical
 to the source folder (vLLM's loaders then cut each rank's shard). With PP=2 only the first stage's
-vLLM generates and every stage gets its responses; with CP=2 only cp rank 0's."""
+vLLM generates and every stage gets its responses; with CP=2 each rank's vLLM answers its slice of
+the prompts, with the seeds those rows have in the whole request, and every rank gets all rows."""
 
 import pytest
 import torch
@@ -37,6 +38,7 @@ class _RecordingBackend:
         import torch.distributed as dist
 
         self.calls.append("generate")
+        self.seeds = [kw["seed"] for kw in sampling]
         tok = 10 + dist.get_rank()
         return [SimpleNamespace(outputs=[SimpleNamespace(index=k, token_ids=[tok, 2], finish_reason="stop",
                                                          logprobs=[{tok: SimpleNamespace(logprob=-1.0)},
@@ -70,9 +72,13 @@ def _run(rank: int, world: int, hf_dir: str, work: str) -> dict:
             from megatron_papo.rollout import RolloutRequest, SamplingParams
 
             engine.resume()
-            res = engine.generate(RolloutRequest([[1, 5, 6]], images=[[]]), SamplingParams(n=2, seed=3))
+            prompts = [[1, 5, 6]] if layout == "pp2" else [[1, 5, 6], [1, 7], [1, 8]]
+            request = RolloutRequest(prompts, images=[[]] * len(prompts))
+            res = engine.generate(request, SamplingParams(n=2, seed=3))
             out[f"{layout}_responses"] = res.response_ids
+            out[f"{layout}_indices"] = res.prompt_indices
             out[f"{layout}_generated_here"] = backend.calls.count("generate")
+            out[f"{layout}_seeds"] = getattr(backend, "seeds", None)
     return out
 
 
@@ -94,6 +100,10 @@ def test_every_model_parallel_rank_receives_the_full_tensors(tmp_path):
                 assert same, f"rank {rank} {layout}: {name} differs from the HF file"
             assert out[layout]["buckets"] > 3
             assert out[layout]["calls"][:2] == [2, ("weights",)]  # slept, then only the weights woke
-        for layout in ("pp2", "cp2"):  # stage 0's / cp rank 0's (global rank 0's) responses everywhere
-            assert [list(r) for r in out[f"{layout}_responses"]] == [[10, 2], [10, 2]], layout
-            assert out[f"{layout}_generated_here"] == (1 if rank == 0 else 0), layout
+        # PP=2: stage 0's (global rank 0's) responses everywhere; only stage 0 generated
+        assert [list(r) for r in out["pp2_responses"]] == [[10, 2], [10, 2]]
+        assert out["pp2_generated_here"] == (1 if rank == 0 else 0)
+        # CP=2: prompts 0-1 answered by cp rank 0, prompt 2 by cp rank 1, all rows on both ranks
+        assert [list(r) for r in out["cp2_responses"]] == [[10, 2]] * 4 + [[11, 2]] * 2
+        assert out["cp2_indices"] == [0, 0, 1, 1, 2, 2] and out["cp2_generated_here"] == 1
+        assert out["cp2_seeds"] == ([3, 5] if rank == 0 else [7])  # seed + prompt * n, as unsplit

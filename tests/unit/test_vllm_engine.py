@@ -4,6 +4,7 @@ field, vLLM-shaped outputs -> RolloutResult (finish reasons, log-prob semantics,
 sleep / wake sequence, and the weight sync on the tiny Qwen2.5-VL (names and bits equal to the HF
 file and to the converter's export, at most one bucket alive at a time)."""
 
+import itertools
 import math
 import weakref
 from types import SimpleNamespace
@@ -22,8 +23,10 @@ from megatron_papo.rollout.vllm_engine import (
     VLLMRolloutEngine,
     check_consecutive_tp,
     collapse_image_placeholders,
+    cp_slice,
     outputs_to_result,
     patches_to_images,
+    request_slice,
     request_to_prompts,
     sampling_kwargs,
     version_tuple,
@@ -190,6 +193,40 @@ def test_sampling_kwargs_map_every_field():
         sampling_kwargs(p, num_prompts=1, eos_id=EOS, banned_token_ids=[EOS])
     with pytest.raises(ValueError, match="num_prompts must be >= 1"):
         sampling_kwargs(p, num_prompts=0, eos_id=EOS)
+    # a slice of a request keeps each row's seed
+    tail = sampling_kwargs(p, num_prompts=1, eos_id=EOS, first_prompt=1)
+    assert tail[0]["seed"] == kws[1]["seed"]
+
+
+@pytest.mark.parametrize("num,size", [(5, 2), (4, 2), (1, 2), (7, 3), (2, 4)])
+def test_cp_slices_cover_the_request_in_order(num, size):
+    slices = [cp_slice(num, r, size) for r in range(size)]
+    assert slices[0][0] == 0 and slices[-1][1] == num
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(slices))  # contiguous, in rank order
+    lengths = [stop - start for start, stop in slices]
+    assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
+
+
+def test_slices_of_a_request_concatenate_back():
+    from megatron_papo.rollout import RolloutResult
+
+    req = RolloutRequest([[1, 5], [1, 6, 7], [1, 8]], prompt_indices=[40, 41, 42])
+    part = request_slice(req, 1, 3)
+    assert part.prompt_ids == [[1, 6, 7], [1, 8]] and part.prompt_indices == [41, 42]
+
+    def result(prompts, indices, tok, seconds):
+        rows = len(prompts)
+        return RolloutResult(group_size=1, prompt_indices=indices, prompt_ids=prompts,
+                             response_ids=[[tok, EOS]] * rows, response_log_probs=[[-1.0, -0.5]] * rows,
+                             policy_log_probs=[[-1.0, -0.5]] * rows, finish_reason=["stop"] * rows,
+                             metrics={"seconds": seconds, "generated_tokens": 2.0 * rows})
+
+    first = result([[1, 5]], [40], 7, 3.0)
+    whole = RolloutResult.concat([first, result(part.prompt_ids, part.prompt_indices, 8, 1.0)])
+    assert whole.prompt_indices == [40, 41, 42] and whole.response_ids == [[7, EOS], [8, EOS], [8, EOS]]
+    assert whole.metrics == {"seconds": 3.0, "generated_tokens": 6.0}
+    with pytest.raises(ValueError, match="at least one part"):
+        RolloutResult.concat([])
 
 
 def test_llm_kwargs_for_colocated_spmd():
