@@ -131,26 +131,6 @@ class RolloutRequest:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
-    @classmethod
-    def concat(cls, parts: Sequence[RolloutResult]) -> RolloutResult:
-        """The results of consecutive slices of one request, as one result (rows in order).
-        Metrics: "seconds" is the slowest part's, the others are summed."""
-        if not parts:
-            raise ValueError("RolloutResult.concat needs at least one part")
-        if len({p.group_size for p in parts}) != 1:
-            raise ValueError(f"parts have different group sizes {sorted({p.group_size for p in parts})}")
-        metrics: dict[str, float] = {}
-        for p in parts:
-            for k, v in p.metrics.items():
-                metrics[k] = max(metrics.get(k, v), v) if k == "seconds" else metrics.get(k, 0.0) + v
-        return cls(group_size=parts[0].group_size,
-                   prompt_indices=[x for p in parts for x in p.prompt_indices],
-                   prompt_ids=[x for p in parts for x in p.prompt_ids],
-                   response_ids=[x for p in parts for x in p.response_ids],
-                   response_log_probs=[x for p in parts for x in p.response_log_probs],
-                   policy_log_probs=[x for p in parts for x in p.policy_log_probs],
-                   finish_reason=[x for p in parts for x in p.finish_reason], metrics=metrics)
-
     @property
     def has_images(self) -> bool:
         """True if any prompt carries an image."""
