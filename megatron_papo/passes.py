@@ -19,6 +19,7 @@ from megatron_papo.distributed import ProcessGroups
 from megatron_papo.losses import PapoLossConfig, papo_loss
 from megatron_papo.metrics import reduce_step_metrics
 from megatron_papo.ops import gather_from_context_parallel, global_token_count, vocab_parallel_log_probs
+from megatron_papo.ops.groups import rank_and_size
 from megatron_papo.rollout.megatron_engine import eval_no_grad
 from megatron_papo.schedule import global_mean_loss_scale, run_microbatches
 
@@ -28,22 +29,14 @@ def model_forward(model: torch.nn.Module, mb: Mapping[str, Any]) -> Tensor:
     return model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], mb["pixel_values"])
 
 
-def sequence_multiple(model_chunks: Sequence[torch.nn.Module], cp_size: int) -> int:
-    """What a batch's column count must be a multiple of for these chunks: 2 * cp under context
-    parallelism (zigzag shards), times tp under sequence parallelism; 1 otherwise."""
+def sequence_multiple(model_chunks: Sequence[torch.nn.Module]) -> int:
+    """What a batch's column count must be a multiple of for these (bare or DDP) chunks
+    (``models.base.sequence_multiple`` of their language model's config)."""
     from megatron.core.utils import get_model_config
 
-    config = get_model_config(model_chunks[0])
-    multiple = 2 * cp_size if cp_size > 1 else 1
-    if getattr(config, "sequence_parallel", False):
-        multiple *= config.tensor_model_parallel_size
-    return multiple
+    from megatron_papo.models.base import sequence_multiple as config_multiple
 
-
-def _cp_rank_size(cp_group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if cp_group is None:
-        return 0, 1
-    return dist.get_rank(cp_group), dist.get_world_size(cp_group)
+    return config_multiple(get_model_config(model_chunks[0]))
 
 
 def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch, *, micro_batch_size: int,
@@ -55,13 +48,13 @@ def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch
     the [R, S] result is all-gathered over the cp group (a per-token tensor, never logits).
     Returns None on pipeline stages other than the last (they never need them).
     """
-    cp_rank, cp_size = _cp_rank_size(cp_group)
+    cp_rank, cp_size = rank_and_size(cp_group)
 
     def loss_fn(mb: Mapping[str, Any], logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         lp = vocab_parallel_log_probs(logits, mb["target"], tp_group, vocab_size)
         return logits.new_zeros(()), {"log_probs": gather_from_context_parallel(lp, cp_group, dim=1)}
 
-    padded = pad_columns(batch, sequence_multiple(model_chunks, cp_size))
+    padded = pad_columns(batch, sequence_multiple(model_chunks))
     mbs = micro_batch_dicts(padded, micro_batch_size, masked_branch=masked_branch, cp_rank=cp_rank,
                             cp_size=cp_size)
     with eval_no_grad(model_chunks):
@@ -99,7 +92,7 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
     from megatron_papo.optim import optimizer_step, zero_grads
 
     both = loss_config.uses_masked_branch and (loss_config.masked_grad or loss_config.needs_logits)
-    batch = pad_columns(batch, sequence_multiple(ddp_chunks, pg.cp_size))
+    batch = pad_columns(batch, sequence_multiple(ddp_chunks))
     mbs = micro_batch_dicts(batch, micro_batch_size, both_branches=both, cp_rank=pg.cp_rank,
                             cp_size=pg.cp_size)
     num_tokens = global_token_count(batch.loss_mask, pg.dp)

@@ -84,6 +84,7 @@ def pipeline_forward_fn(model_chunks: Sequence[torch.nn.Module], pg: ProcessGrou
     `banned_ids` are never sampled (their logits set to -inf in the engine's copy only).
     """
     chunk = model_chunks[0]
+    multiple = sequence_multiple(model_chunks)
 
     def forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
                 images: list[list[Tensor]] | None) -> Tensor:
@@ -92,8 +93,6 @@ def pipeline_forward_fn(model_chunks: Sequence[torch.nn.Module], pg: ProcessGrou
         else:
             logits = _forward(input_ids, position_ids, attention_mask, images)
         return ban_token_ids(logits, banned_ids, pg.tp_rank)
-
-    multiple = sequence_multiple(model_chunks, pg.cp_size)
 
     def _sharded_forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
                          images: list[list[Tensor]] | None) -> Tensor:
@@ -366,7 +365,7 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
     pixels = steps.prompt_pixels(parts.model_chunks[0], samples)
     batch = steps.sft_train_batch(samples, pixels, parts.tokenizer)
     batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size)
-    batch = pad_columns(batch, sequence_multiple(parts.ddp_chunks, pg.cp_size))
+    batch = pad_columns(batch, sequence_multiple(parts.ddp_chunks))
     n_tok = global_token_count(batch.loss_mask, pg.dp)  # cp ranks hold the same rows
     vocab = parts.tokenizer.vocab_size
 

@@ -164,12 +164,9 @@ class VisionLanguageModel(MegatronModule):
 
     def context_parallel_rank_size(self) -> tuple[int, int]:
         """(rank, size) of this model in its context-parallel group ((0, 1) without one)."""
-        group = self.cp_group
-        if group is None:
-            return 0, 1
-        import torch.distributed as dist
+        from megatron_papo.ops.groups import rank_and_size
 
-        return dist.get_rank(group), dist.get_world_size(group)
+        return rank_and_size(self.cp_group)
 
     def shard_sequence(self, decoder_input: Tensor | None) -> Tensor | None:
         """First stage: the embedded sequence [S, B, H] (images merged into the whole sequence
@@ -181,10 +178,9 @@ class VisionLanguageModel(MegatronModule):
             return None
         cp_rank, cp_size = self.context_parallel_rank_size()
         sequence_parallel = bool(getattr(self.config, "sequence_parallel", False))
-        tp = self.config.tensor_model_parallel_size if sequence_parallel else 1
-        multiple = (2 * cp_size if cp_size > 1 else 1) * tp
+        multiple = sequence_multiple(self.config)
         if decoder_input.shape[0] % multiple:
-            raise ValueError(f"cp={cp_size}, sequence_parallel tp={tp}: sequence length "
+            raise ValueError(f"cp={cp_size}, sequence_parallel={sequence_parallel}: sequence length "
                              f"{decoder_input.shape[0]} is not a multiple of {multiple}; pad the batch's "
                              "columns first (megatron_papo.batch.pad_columns)")
         if cp_size > 1:
@@ -280,6 +276,16 @@ def context_parallel_group() -> Any:
 
     model_parallel_sizes()  # the clear error when parallel state is missing
     return ps.get_context_parallel_group()
+
+
+def sequence_multiple(config: TransformerConfig) -> int:
+    """What a sequence length must be a multiple of for a language model with this config: 2 * cp
+    under context parallelism (zigzag shards), times tp under sequence parallelism; 1 otherwise."""
+    cp = config.context_parallel_size
+    multiple = 2 * cp if cp > 1 else 1
+    if getattr(config, "sequence_parallel", False):
+        multiple *= config.tensor_model_parallel_size
+    return multiple
 
 
 def model_parallel_sizes() -> tuple[int, int, int | None]:

@@ -34,11 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def _rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+from megatron_papo.ops.groups import rank_and_size
 
 
 def pad_to_multiple(x: Tensor, multiple: int, dim: int = 1, value: float = 0) -> Tensor:
@@ -97,7 +93,7 @@ class _GatherZigzag(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, cp_group: dist.ProcessGroup, dim: int, sum_grads: bool) -> Tensor:
-        rank, size = _rank_and_size(cp_group)
+        rank, size = rank_and_size(cp_group)
         ctx.rank, ctx.size, ctx.dim, ctx.group, ctx.sum_grads = rank, size, dim, cp_group, sum_grads
         x = x.contiguous()
         shards = [torch.empty_like(x) for _ in range(size)]

@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_papo.ops.groups import rank_and_size
+
 # fp32 scratch budget of one token chunk, and how many [chunk, V_local] fp32 buffers the forward
 # or backward of the fused op keeps alive at once (shifted logits, exp, products, coefficients...).
 _CHUNK_SCRATCH_BYTES = 128 * 2**20
@@ -80,19 +82,13 @@ class ShardLayout:
         return max(0, min(self.v_local, self.vocab_size - self.offset))
 
 
-def _rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 def shard_layout(v_local: int, tp_group: dist.ProcessGroup | None, vocab_size: int | None) -> ShardLayout:
     """Validate ``vocab_size`` against ``V_local * tp`` and return this rank's layout.
 
     Requires ``V_local * (tp - 1) < vocab_size <= V_local * tp`` so that every shard holds at
     least one real token (padding never fills a whole shard).
     """
-    rank, size = _rank_and_size(tp_group)
+    rank, size = rank_and_size(tp_group)
     padded = v_local * size
     if vocab_size is None:
         vocab_size = padded
@@ -119,7 +115,7 @@ def _check_layout_agrees(v_local: int, vocab_size: int | None, tp_group: dist.Pr
     which only some ranks change V_local is not caught here (those ranks would enter this
     collective alone); the first call of a job, where configuration mistakes show, is checked.
     """
-    rank, size = _rank_and_size(tp_group)
+    rank, size = rank_and_size(tp_group)
     if size == 1:
         return
     vocab = v_local * size if vocab_size is None else vocab_size
