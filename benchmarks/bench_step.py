@@ -57,7 +57,7 @@ def build_model(shape: Shape, seq: int, precision: str, device: str) -> torch.nn
     """A megatron-core GPTModel of this shape (local or TE layer spec), random init, on ``device``."""
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_papo.mcore_compat import have_transformer_engine
+    from megatron_papo.compat.mcore_compat import have_transformer_engine
     from megatron_papo.models.base import common_transformer_fields, make_transformer_config
     from megatron_papo.models.tiny_vlm import language_layer_spec
 

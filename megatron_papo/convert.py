@@ -24,7 +24,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_papo.config import ModelConfig
 from megatron_papo.distributed import ProcessGroups, barrier
+from megatron_papo.models.base import torch_dtype
+from megatron_papo.models.hf_qwen2_5_vl import (
+    SafetensorsReader,
+    check_all_hf_tensors_used,
+    copy_hf_side_files,
+    export_hf_checkpoint,
+    load_hf_weights,
+)
+from megatron_papo.models.qwen2_5_vl import Qwen25VLArch, build_qwen2_5_vl, load_hf_config
+from megatron_papo.training.checkpointing import (
+    TRAINER_STATE_FILE,
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from megatron_papo.training.parts import pipeline_forward_fn
 
 __all__ = [
     "HF_CONFIG_DIR",
@@ -44,8 +62,6 @@ _PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 
 def _model_config(hf_path: str | Path, precision: str, image_size: int | None) -> Any:
-    from megatron_papo.config import ModelConfig
-
     return ModelConfig(name="qwen2_5_vl", hf_path=str(hf_path), precision=precision, image_size=image_size,
                        transformer_impl="local" if not torch.cuda.is_available() else "auto")
 
@@ -63,8 +79,6 @@ def hf_precision(hf_path: str | Path) -> str:
 def build_for_conversion(hf_path: str | Path, pg: ProcessGroups, *, precision: str = "auto",
                          image_size: int | None = None) -> torch.nn.Module:
     """This rank's Qwen2.5-VL part, parameters allocated but not initialised (they get loaded)."""
-    from megatron_papo.models.qwen2_5_vl import Qwen25VLArch, build_qwen2_5_vl, load_hf_config
-
     precision = hf_precision(hf_path) if precision == "auto" else precision
     arch = Qwen25VLArch.from_hf_config(load_hf_config(hf_path))
     cfg = _model_config(hf_path, precision, image_size)
@@ -80,9 +94,6 @@ def convert_hf_to_megatron(hf_path: str | Path, out: str | Path, pg: ProcessGrou
     Every rank reads only the tensors of its own TP/PP shards (memory-mapped safetensors, one at
     a time). Returns the checkpoint directory written.
     """
-    from megatron_papo.checkpointing import save_checkpoint
-    from megatron_papo.models.hf_qwen2_5_vl import SafetensorsReader, copy_hf_side_files, load_hf_weights
-    from megatron_papo.models.qwen2_5_vl import load_hf_config
 
     load_hf_config(hf_path)  # the architecture first (cheap), then the shards, then the model
     reader = SafetensorsReader(hf_path)
@@ -98,28 +109,9 @@ def convert_hf_to_megatron(hf_path: str | Path, out: str | Path, pg: ProcessGrou
     return path
 
 
-def check_all_hf_tensors_used(reader: Any, model_chunks: list[torch.nn.Module], pg: ProcessGroups) -> None:
-    """HFCheckpointError naming the checkpoint's tensors that no rank's model read (collective over
-    the pipeline group): a config that does not describe these weights (e.g. tie_word_embeddings
-    set while the folder holds an lm_head) would otherwise drop them silently."""
-    from megatron_papo.models.hf_qwen2_5_vl import HFCheckpointError, unused_hf_tensors
-
-    unused = set(unused_hf_tensors(reader, model_chunks))
-    if pg.pp_size > 1:
-        every: list[Any] = [None] * pg.pp_size
-        dist.all_gather_object(every, sorted(unused), group=pg.pp)
-        unused = set.intersection(*(set(u) for u in every))
-    if unused:
-        names = sorted(unused)
-        raise HFCheckpointError(f"{reader.folder}: {len(names)} tensors are not used by the model its "
-                                f"config.json describes, e.g. {names[:3]}")
-
-
 def find_hf_config(megatron_path: str | Path) -> Path:
     """The Hugging Face config folder of a checkpoint: ``<root>/hf_config`` (a converted one), or
     the ``model.hf_path`` recorded in a training checkpoint's trainer_state.json."""
-    from megatron_papo.checkpointing import TRAINER_STATE_FILE, resolve_checkpoint
-
     root = Path(megatron_path)
     for candidate in (root / HF_CONFIG_DIR, root.parent / HF_CONFIG_DIR):
         if (candidate / "config.json").is_file():
@@ -140,8 +132,6 @@ def convert_megatron_to_hf(megatron_path: str | Path, out: str | Path, pg: Proce
     """A megatron-core checkpoint (converted or trained, any TP/PP) -> a Hugging Face folder
     loadable by transformers. The model is loaded under this process group's TP/PP; the exporter
     gathers shards one parameter at a time and rank 0 writes shards as they fill."""
-    from megatron_papo.checkpointing import CheckpointError, load_checkpoint
-    from megatron_papo.models.hf_qwen2_5_vl import export_hf_checkpoint
 
     config_dir = Path(hf_config) if hf_config else find_hf_config(megatron_path)
     model = build_for_conversion(config_dir, pg, precision=precision)
@@ -227,8 +217,6 @@ def parity_batch(model: Any, seed: int = 0) -> dict[str, Any]:
 def megatron_full_logits(model_chunks: list[torch.nn.Module], pg: ProcessGroups,
                          batch: dict[str, Any]) -> Tensor:
     """[B, S, V] logits of the true vocabulary on every rank (TP shards gathered, PP broadcast)."""
-    from megatron_papo.trainer import pipeline_forward_fn
-
     model = model_chunks[0]
     for m in model_chunks:
         m.eval()
@@ -269,8 +257,6 @@ def run_parity_check(hf_path: str | Path, megatron_path: str | Path, pg: Process
     ``Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_path)`` in the same precision.
     The result (on every rank) says whether both tolerances hold.
     """
-    from megatron_papo.checkpointing import CheckpointError, load_checkpoint
-
     default_abs, default_kl = DEFAULT_TOLERANCES[precision]
     max_abs_tol = default_abs if max_abs_tol is None else max_abs_tol
     kl_tol = default_kl if kl_tol is None else kl_tol
@@ -292,8 +278,6 @@ def run_parity_check(hf_path: str | Path, megatron_path: str | Path, pg: Process
 def hf_forward(hf_path: str | Path, inputs: dict[str, Tensor], precision: str) -> Tensor:
     """Logits [B, S, V] float32 of transformers' Qwen2.5-VL on ``inputs``."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from megatron_papo.models.base import torch_dtype
 
     dtype = torch_dtype(precision)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf_path), dtype=dtype).eval()

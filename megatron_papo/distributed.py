@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
+from megatron_papo.config import ConfigError
 
 __all__ = [
     "ProcessGroups",
@@ -223,8 +224,6 @@ def init_distributed_from_config(parallel: Any, *, seed: int | None = 1234, back
     Also runs the config's cross-section check against the actual world size first, so a
     layout that does not fit the launched ranks stops with the config's own message.
     """
-    from megatron_papo.config import ConfigError
-
     world = dist.get_world_size() if dist.is_initialized() else _env_int("WORLD_SIZE", 1)
     mp = parallel.tp * parallel.pp * parallel.cp
     if world % mp:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megatron_papo.metrics import read_metrics
+from megatron_papo.training.metrics import read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

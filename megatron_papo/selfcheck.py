@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 from megatron_papo.distributed import destroy_distributed, init_distributed, is_rank_zero
 from megatron_papo.losses import PapoLossConfig, papo_loss
-from megatron_papo.ops import papo_token_stats
+from megatron_papo.ops import papo_token_stats, vocab_parallel_log_probs
 
 VOCAB, PADDED = 1000, 1024  # true vocabulary, padded to a multiple of 128 * tp for tp <= 8
 
@@ -116,8 +116,6 @@ def papo_step_on_gpt(tp_group: dist.ProcessGroup | None, tp: int) -> tuple[float
     logits = model(tokens, position_ids, attn)  # [b, s, PADDED / tp], vocab-parallel
     masked_logits = model(masked_tokens, position_ids, attn)
     with torch.no_grad():
-        from megatron_papo.ops import vocab_parallel_log_probs
-
         old_lp = vocab_parallel_log_probs(logits.detach(), target, tp_group, VOCAB) - 0.05
     loss, _ = papo_loss(logits, target, old_lp, adv, mask, config=cfg, masked_logits=masked_logits,
                         tp_group=tp_group, vocab_size=VOCAB)

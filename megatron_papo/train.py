@@ -12,20 +12,31 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from megatron_papo.cli import parse_cli
+from megatron_papo.cli import Command, Flag, parse_cli
+from megatron_papo.compat.runtime_checks import check_runtime
 from megatron_papo.config import ConfigError, save_config
 from megatron_papo.distributed import destroy_distributed, init_distributed_from_config, is_rank_zero
-from megatron_papo.metrics import read_metrics, summarize
-from megatron_papo.runtime_checks import check_runtime
+
+COMMAND = Command(
+    prog="python -m megatron_papo.train",
+    summary=("Train a vision-language policy with GRPO / DAPO / PAPO-G / PAPO-D: an optional supervised\n"
+             "warm start, then RL steps (rollout, rewards, group advantages, patch masking, no-grad\n"
+             "passes, the PAPO update), checkpoints, and held-out evaluation with original and masked\n"
+             "images. One process on a CPU, or several ranks under torchrun (tensor, pipeline, context\n"
+             "parallel). Writes metrics.jsonl, TensorBoard events, training.png, config.yaml and\n"
+             "megatron-core distributed checkpoints."),
+    flags=(Flag("--resume", "continue from the newest checkpoint under checkpoint.dir"),
+           Flag("--save-init", "write the freshly initialised model as a checkpoint to DIR and exit "
+                "(runs with checkpoint.init_weights=DIR then share it under any layout)", "DIR")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from megatron_papo.trainer import train
-
+    """Parse, check the runtime, initialise the process groups, train, print the summary."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
-        args = parse_cli(sys.argv[1:] if argv is None else argv, extra_flags=("--save-init",))
+        args = parse_cli(sys.argv[1:] if argv is None else argv, COMMAND)
     except ConfigError as e:  # stop before anything starts, with the config's own message
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -35,11 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ImportError, RuntimeError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from megatron_papo.plotting import plot_training  # heavy (megatron-core): after the CLI
+    from megatron_papo.training.checkpointing import save_checkpoint  # heavy (megatron-core): after the CLI
+    from megatron_papo.training.metrics import read_metrics, summarize  # heavy (megatron-core): after the CLI
+    from megatron_papo.training.parts import build_parts  # heavy (megatron-core): after the CLI
+    from megatron_papo.training.trainer import train  # heavy (megatron-core): after the CLI
+
     pg = init_distributed_from_config(cfg.parallel, seed=cfg.train.seed)
     if args.flags.get("--save-init"):
-        from megatron_papo.checkpointing import save_checkpoint
-        from megatron_papo.trainer import build_parts
-
         parts = build_parts(cfg, pg)
         path = save_checkpoint(str(args.flags["--save-init"]), 0, parts.model_chunks, None,
                                {"step": 0, "phase": "init"}, pg, keep_last=1)
@@ -48,8 +62,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         destroy_distributed()
         return 0
     if is_rank_zero():
-        from pathlib import Path
-
         Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.logging.dir) / "config.yaml")
     result = train(cfg, pg)
@@ -61,8 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "entropy_orig", "entropy_mask", "pg_clipfrac", "step_time"]))
         for k, v in result.eval_metrics.items():
             print(f"{k:28s} {v:.4f}")
-        from megatron_papo.plotting import plot_training
-
         plot = plot_training(result.metrics_path, result.run_dir / "training.png") if rows else None
         print(f"metrics:    {result.metrics_path}")
         print(f"plot:       {plot or '(no metrics)'}")

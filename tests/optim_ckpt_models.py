@@ -46,7 +46,7 @@ def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def train_step(ddp_chunks: list, optimizer, schedule, tokens: torch.Tensor) -> tuple[float, float]:
     """One update of the tiny GPT's LM loss through megatron DDP + optimizer: (loss, grad_norm)."""
-    from megatron_papo.optim import finish_grad_sync, optimizer_step, zero_grads
+    from megatron_papo.training.optim import finish_grad_sync, optimizer_step, zero_grads
 
     zero_grads(ddp_chunks, optimizer)
     loss = lm_loss(ddp_chunks[0], tokens)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,3 +423,9 @@ def plot_runs(results: Sequence[RunResult], out: Path, plot: Path) -> bool:
     plot_comparison(runs, plot, table, title=f"easy-VQA, tiny VLM: {', '.join(runs)} "
                                              f"({max(len(v) for v in runs.values())} seeds)")
     return True
+
+
+if __name__ == "__main__":
+    from megatron_papo.cli import helper_module_main
+
+    sys.exit(helper_module_main(__doc__))

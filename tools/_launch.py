@@ -25,3 +25,9 @@ def init(tp: int, pp: int, cp: int = 1):
 def fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+if __name__ == "__main__":
+    from megatron_papo.cli import helper_module_main
+
+    sys.exit(helper_module_main(__doc__))

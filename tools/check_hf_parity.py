@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kl-tol", type=float, default=None, help="largest allowed mean KL per token")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    from megatron_papo.checkpointing import CheckpointError
     from megatron_papo.convert import run_parity_check
     from megatron_papo.models.hf_qwen2_5_vl import HFCheckpointError
     from megatron_papo.models.qwen2_5_vl import UnsupportedArchitectureError
+    from megatron_papo.training.checkpointing import CheckpointError
 
     try:
         pg = _launch.init(a.tp, a.pp, a.cp)

@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype to load and write (auto: the HF config's dtype)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, GiB")
     a = p.parse_args(argv)
-    from megatron_papo.checkpointing import CheckpointError
     from megatron_papo.convert import convert_megatron_to_hf
     from megatron_papo.models.hf_qwen2_5_vl import HFCheckpointError
     from megatron_papo.models.qwen2_5_vl import UnsupportedArchitectureError
+    from megatron_papo.training.checkpointing import CheckpointError
 
     try:
         pg = _launch.init(a.tp, a.pp)

@@ -42,7 +42,7 @@ from megatron_papo.data.rows import (
     open_image,
 )
 from megatron_papo.data.templates import PromptTemplate, encode_prompt, get_template
-from megatron_papo.tokenizer import Tokenizer
+from megatron_papo.data.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from megatron_papo.config import DataConfig

@@ -11,6 +11,10 @@ Quirks worth knowing:
 - About 74% of the questions are yes/no.
 
 The test split is held out: :func:`megatron_papo.data.rows.load_rows` refuses it for training.
+Importing this module registers the source with the row reader (``rows.register_source``).
+
+The easy-VQA word tokenizer (:func:`easy_vqa_tokenizer`) is built here from this source's texts:
+the tokenizer module itself knows no dataset and no template.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from megatron_papo.data.rows import RawRow
+import easy_vqa
+
+from megatron_papo.data.rows import BuiltinSource, RawRow, register_source
+from megatron_papo.data.templates import template_corpus
+from megatron_papo.data.tokenizer import BOX_CLOSE, BOX_OPEN, THINK_CLOSE, THINK_OPEN, WordTokenizer
 
 SPLITS = ("train", "test")
 EASY_VQA_ANSWERS: tuple[str, ...] = (
@@ -48,8 +56,6 @@ def _check_split(split: str) -> None:
 def load_split(split: str) -> EasyVqaSplit:
     """Read a split's questions and image paths from the installed package (cached)."""
     _check_split(split)
-    import easy_vqa
-
     if split == "train":
         questions, answers, image_ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()
@@ -75,5 +81,33 @@ def easy_vqa_rows(split: str) -> Iterator[RawRow]:
                      meta={"image_id": image_id, "split": split})
 
 
-__all__ = ["EASY_VQA_ANSWERS", "SPLITS", "EasyVqaSplit", "easy_vqa_rows", "easy_vqa_train_questions",
-           "load_split"]
+def _open_split(split: str) -> Iterator[RawRow]:
+    load_split(split)  # read the package now: errors surface before iteration
+    return easy_vqa_rows(split)
+
+
+SOURCE = register_source(BuiltinSource(name="easy_vqa", splits=SPLITS, held_out=frozenset({"test"}),
+                                       open=_open_split))
+
+
+def easy_vqa_corpus() -> list[str]:
+    """Texts the easy-VQA tokenizer is built from: the distinct train questions (alone and inside
+    every registered prompt template), the 13 answers boxed and inside a short think block.
+
+    Test questions are left out on purpose (they are the same 107 texts, which a test checks).
+    Piece ids are ordered by their count in this list (ties by text).
+    """
+    questions = sorted(set(easy_vqa_train_questions()))
+    answers = [f"{BOX_OPEN}{a}{BOX_CLOSE}" for a in EASY_VQA_ANSWERS]
+    answers += [f"{THINK_OPEN} the answer is {a} {THINK_CLOSE}" for a in EASY_VQA_ANSWERS]
+    return [*questions, *answers, *template_corpus(questions)]
+
+
+@functools.cache
+def easy_vqa_tokenizer() -> WordTokenizer:
+    """The tokenizer of the tiny easy-VQA model (built once per process, same ids everywhere)."""
+    return WordTokenizer.build(easy_vqa_corpus(), min_freq=1)
+
+
+__all__ = ["EASY_VQA_ANSWERS", "SOURCE", "SPLITS", "EasyVqaSplit", "easy_vqa_corpus", "easy_vqa_rows",
+           "easy_vqa_tokenizer", "easy_vqa_train_questions", "load_split"]

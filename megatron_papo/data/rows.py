@@ -33,8 +33,31 @@ ImageRef = Path | bytes
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 
-HELD_OUT_SPLITS: dict[str, frozenset[str]] = {"easy_vqa": frozenset({"test"})}
-"""Built-in splits that must never feed training."""
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    """A dataset that a package ships, named ``<name>:<split>`` in ``data.train`` / ``data.eval``.
+
+    Adapters register themselves (``register_source``) when their module is imported; the
+    ``megatron_papo.data`` package imports the built-in ones, so this module never imports them.
+    """
+
+    name: str
+    splits: tuple[str, ...]
+    held_out: frozenset[str]
+    """Splits that must never feed training (held-out evaluation data)."""
+    open: Callable[[str], Iterator[RawRow]]
+    """split -> its rows; reads eagerly enough that a broken install fails here, not mid-run."""
+
+
+BUILTIN_SOURCES: dict[str, BuiltinSource] = {}
+"""Registered built-in sources by name (see :func:`register_source`)."""
+
+
+def register_source(source: BuiltinSource) -> BuiltinSource:
+    """Make ``<source.name>:<split>`` a valid data source; returns ``source``."""
+    BUILTIN_SOURCES[source.name] = source
+    return source
 
 
 class DataError(ValueError):
@@ -92,20 +115,13 @@ def _builtin_source(source: str) -> tuple[str, str] | None:
 
 
 def _open_builtin(name: str, split: str, *, role: Role) -> Iterator[RawRow]:
-    if role == "train" and split in HELD_OUT_SPLITS.get(name, ()):
+    src = BUILTIN_SOURCES[name]
+    if role == "train" and split in src.held_out:
         raise DataError(f"'{name}:{split}' is held-out evaluation data and cannot be used for training "
                         f"(data.train); use '{name}:train'")
-    from megatron_papo.data import easy_vqa
-
-    if name == "easy_vqa":
-        if split not in easy_vqa.SPLITS:
-            raise DataError(f"unknown split '{split}' of built-in source '{name}'; known: {easy_vqa.SPLITS}")
-        easy_vqa.load_split(split)  # read the package now: errors surface before iteration
-        return easy_vqa.easy_vqa_rows(split)
-    raise DataError(f"unknown built-in source '{name}'")  # pragma: no cover - BUILTIN_SOURCES guards
-
-
-BUILTIN_SOURCES: tuple[str, ...] = ("easy_vqa",)
+    if split not in src.splits:
+        raise DataError(f"unknown split '{split}' of built-in source '{name}'; known: {src.splits}")
+    return src.open(split)
 
 
 def _open_file(path: Path, cfg: DataConfig) -> Iterator[RawRow]:
@@ -264,6 +280,8 @@ def probe_image(ref: ImageRef) -> tuple[int, int]:
 
 
 ImageCheck = Literal["decode", "header"]
+
+
 def decode_image_size(ref: ImageRef) -> tuple[int, int]:
     """Check that an image decodes fully (catches truncated files); its (height, width)."""
     image = open_image(ref)
@@ -277,8 +295,8 @@ IMAGE_CHECKS: dict[str, Callable[[ImageRef], tuple[int, int]]] = {"decode": deco
 
 __all__ = [
     "BUILTIN_SOURCES",
-    "HELD_OUT_SPLITS",
     "IMAGE_CHECKS",
+    "BuiltinSource",
     "DataError",
     "ImageCheck",
     "ImageRef",
@@ -288,4 +306,5 @@ __all__ = [
     "load_rows",
     "open_image",
     "probe_image",
+    "register_source",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from megatron_papo.tokenizer import Tokenizer
+from megatron_papo.data.tokenizer import Tokenizer
 
 IMAGE_MARKER = "<image>"
 QUESTION_FIELD = "{question}"

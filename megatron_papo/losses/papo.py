@@ -33,6 +33,7 @@ from torch import Tensor
 from megatron_papo.losses.aggregation import LOSS_AGGS, LossAgg, aggregate, token_mean
 from megatron_papo.losses.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
 from megatron_papo.losses.policy import clipped_policy_loss
+from megatron_papo.ops import papo_token_stats, vocab_parallel_entropy, vocab_parallel_log_probs
 
 KlPrcpMode = Literal["k3", "full"]
 EntropyMode = Literal["sampled", "full"]
@@ -301,8 +302,6 @@ def papo_loss(logits: Tensor, target: Tensor, old_log_probs: Tensor, advantages:
         Others: as in papo_loss_from_log_probs.
     The logits are never modified; no [B, L, V_local] fp32 copy is made (chunked fused op).
     """
-    from megatron_papo.ops import papo_token_stats, vocab_parallel_entropy, vocab_parallel_log_probs
-
     if logits.dim() != 3:
         raise ValueError(f"papo_loss: logits must be [B, L, V_local], got shape {tuple(logits.shape)}")
     _check_shapes(response_mask, target=target, old_log_probs=old_log_probs, advantages=advantages,

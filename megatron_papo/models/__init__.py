@@ -8,7 +8,7 @@
 Importing this package imports megatron-core (after mcore_compat's import shims).
 """
 
-from megatron_papo import mcore_compat  # noqa: F401  (registers megatron-core import shims first)
+from megatron_papo.compat import mcore_compat  # noqa: F401  (registers megatron-core import shims first)
 from megatron_papo.models.base import (
     VisionLanguageModel,
     build_attention_mask,

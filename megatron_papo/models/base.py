@@ -32,7 +32,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
+from megatron_papo.ops.context_parallel import zigzag_split
+from megatron_papo.ops.groups import rank_and_size
 
 __all__ = [
     "CLIP_IMAGE_MEAN",
@@ -157,15 +159,11 @@ class VisionLanguageModel(MegatronModule):
         if mask is None and (cp_size > 1 or getattr(self, "transformer_impl", "local") == "local"):
             mask = causal_attention_mask(seq_len, input_ids.device)
         if cp_size > 1:
-            from megatron_papo.ops.context_parallel import zigzag_split
-
             mask = zigzag_split(mask, cp_rank, cp_size, dim=2)
         return mask
 
     def context_parallel_rank_size(self) -> tuple[int, int]:
         """(rank, size) of this model in its context-parallel group ((0, 1) without one)."""
-        from megatron_papo.ops.groups import rank_and_size
-
         return rank_and_size(self.cp_group)
 
     def shard_sequence(self, decoder_input: Tensor | None) -> Tensor | None:
@@ -182,10 +180,8 @@ class VisionLanguageModel(MegatronModule):
         if decoder_input.shape[0] % multiple:
             raise ValueError(f"cp={cp_size}, sequence_parallel={sequence_parallel}: sequence length "
                              f"{decoder_input.shape[0]} is not a multiple of {multiple}; pad the batch's "
-                             "columns first (megatron_papo.batch.pad_columns)")
+                             "columns first (megatron_papo.training.batch.pad_columns)")
         if cp_size > 1:
-            from megatron_papo.ops.context_parallel import zigzag_split
-
             decoder_input = zigzag_split(decoder_input, cp_rank, cp_size, dim=0).contiguous()
         if sequence_parallel:
             from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region

@@ -50,6 +50,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_papo.distributed import ProcessGroups
+
 __all__ = [
     "HFCheckpointError",
     "SafetensorsReader",
@@ -327,6 +329,21 @@ def unused_hf_tensors(reader: SafetensorsReader, model_chunks: Sequence[torch.nn
     other stages' tensors are among them); e.g. an ``lm_head.weight`` next to a tied config."""
     used = {n for chunk in model_chunks for key in _weight_keys(chunk) for n in hf_names_for(key, chunk)}
     return [n for n in reader.names() if n not in used]
+
+
+def check_all_hf_tensors_used(reader: Any, model_chunks: list[torch.nn.Module], pg: ProcessGroups) -> None:
+    """HFCheckpointError naming the checkpoint's tensors that no rank's model read (collective over
+    the pipeline group): a config that does not describe these weights (e.g. tie_word_embeddings
+    set while the folder holds an lm_head) would otherwise drop them silently."""
+    unused = set(unused_hf_tensors(reader, model_chunks))
+    if pg.pp_size > 1:
+        every: list[Any] = [None] * pg.pp_size
+        dist.all_gather_object(every, sorted(unused), group=pg.pp)
+        unused = set.intersection(*(set(u) for u in every))
+    if unused:
+        names = sorted(unused)
+        raise HFCheckpointError(f"{reader.folder}: {len(names)} tensors are not used by the model its "
+                                f"config.json describes, e.g. {names[:3]}")
 
 
 # ---------------------------------------------------------------------------------------------

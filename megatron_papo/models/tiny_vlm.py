@@ -39,7 +39,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 from megatron_papo.models.base import (
     VisionLanguageModel,
     common_transformer_fields,
@@ -53,6 +53,7 @@ from megatron_papo.models.base import (
     resolve_transformer_impl,
     torch_dtype,
 )
+from megatron_papo.models.cp_attention import AllGatherContextParallelAttention
 from megatron_papo.models.registry import register_model
 
 __all__ = ["TinyVLM", "TinyVLMConfig", "build_tiny_vlm"]
@@ -197,8 +198,6 @@ def language_layer_spec(impl: str, cp: int = 1) -> ModuleSpec:
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if cp > 1:
-        from megatron_papo.models.cp_attention import AllGatherContextParallelAttention
-
         spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = AllGatherContextParallelAttention
     return spec

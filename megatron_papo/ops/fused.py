@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_papo.compat.optional_deps import have_triton, require
 from megatron_papo.ops.vocab_parallel import VocabParallelStats, _check_logits, _check_pair, _check_target
 
 OpImpl = Literal["auto", "torch", "triton"]
@@ -34,12 +35,11 @@ def resolve_impl(impl: str, logits: Tensor, masked_logits: Tensor) -> str:
     """"torch" or "triton" for ``impl`` in OP_IMPLS and these inputs.
 
     "auto" -> "triton" when both tensors are CUDA fp32/bf16/fp16 and triton imports, else "torch".
-    "triton" -> raises megatron_papo.mcore_compat.MissingDependencyError (with an install hint) when
+    "triton" -> raises megatron_papo.compat.mcore_compat.MissingDependencyError (with an install hint) when
     triton is absent.
     """
     if impl not in OP_IMPLS:
         raise ValueError(f"impl must be one of {list(OP_IMPLS)}, got {impl!r}")
-    from megatron_papo.mcore_compat import have_triton, require
 
     if impl == "triton":
         require("triton")
@@ -96,7 +96,7 @@ def papo_token_stats(logits: Tensor, masked_logits: Tensor, target: Tensor,
     lead = logits.shape[:-1]
     flat = [x.reshape(-1, x.shape[-1]) for x in (logits, masked_logits)]
     if resolve_impl(impl, logits, masked_logits) == "triton":
-        from megatron_papo.ops.triton_papo import papo_token_stats_triton
+        from megatron_papo.ops.triton_papo import papo_token_stats_triton  # triton: optional, GPU only
 
         outs = papo_token_stats_triton(flat[0], flat[1], target.reshape(-1), tp_group, vocab_size,
                                        check_finite=check_finite)

@@ -12,7 +12,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_papo.ops.fused import PapoTokenStats
+from megatron_papo.ops.fused import PapoTokenStats, papo_token_stats
+from megatron_papo.ops.vocab_parallel import (
+    vocab_parallel_entropy,
+    vocab_parallel_kl,
+    vocab_parallel_log_probs,
+)
 
 
 class _GatherVocab(torch.autograd.Function):
@@ -147,13 +152,6 @@ def run_ops_on_shard(case: dict[str, Tensor], tp_rank: int, tp_size: int, tp_gro
     branch detached, only kl and entropy used), ``logp``/``entropy``/``kl`` (+ ``.grad...``), and
     ``unchanged`` (inputs bitwise intact).
     """
-    from megatron_papo.ops import (
-        papo_token_stats,
-        vocab_parallel_entropy,
-        vocab_parallel_kl,
-        vocab_parallel_log_probs,
-    )
-
     width = case["logits"].shape[-1] // tp_size
     cols = slice(tp_rank * width, (tp_rank + 1) * width)
     zp0, zq0 = case["logits"][..., cols].clone(), case["masked_logits"][..., cols].clone()

@@ -64,6 +64,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from megatron_papo.compat.optional_deps import require
+from megatron_papo.models.hf_qwen2_5_vl import iter_hf_buckets
 from megatron_papo.rollout.base import RolloutRequest, RolloutResult, SamplingParams
 from megatron_papo.rollout.vllm_io import (  # the pure conversions, re-exported here
     LogprobsMode,
@@ -137,8 +139,6 @@ class VLLMBackend:
                  max_model_len: int | None = None,
                  seed: int = 0, dtype: str = "bfloat16", enforce_eager: bool = False,
                  logprobs_mode: LogprobsMode = "raw_logprobs") -> None:
-        from megatron_papo.mcore_compat import require
-
         require("vllm")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process (SPMD)
         import vllm
@@ -373,8 +373,6 @@ def sync_weights(engine: VLLMRolloutEngine, model_chunks: Sequence[torch.nn.Modu
 
     Returns {"sync_seconds", "tensors", "bytes", "buckets", "max_bucket_bytes"} (this rank).
     """
-    from megatron_papo.models.hf_qwen2_5_vl import iter_hf_buckets
-
     start = time.perf_counter()
     stats = engine.load_buckets(iter_hf_buckets(model_chunks, pg, bucket_bytes))
     if torch.cuda.is_available():

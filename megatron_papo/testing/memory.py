@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_papo.config import ModelConfig, ParallelConfig, TrainConfig
+from megatron_papo.models import build_model
+from megatron_papo.training.optim import build_optimizer, finish_grad_sync, optimizer_step, zero_grads
 
 __all__ = ["MeasuredMemory", "measure_tiny_vlm_step", "unique_storage_bytes"]
 
@@ -63,8 +65,6 @@ def measure_tiny_vlm_step(model_cfg: ModelConfig, *, vocab_size: int, image_toke
     """Build the tiny VLM (+ megatron DDP and optimizer) in the current world (any TP/CP layout of
     megatron-core's parallel state), run one forward/backward/optimizer step on random tokens
     with one image per sample, and measure this rank."""
-    from megatron_papo.models import build_model
-    from megatron_papo.optim import build_optimizer, finish_grad_sync, optimizer_step, zero_grads
 
     model = build_model(model_cfg, vocab_size=vocab_size, image_token_id=image_token_id, seed=seed,
                         sequence_parallel=sequence_parallel)

@@ -20,6 +20,10 @@ from typing import Any
 
 import torch
 
+from megatron_papo.data.easy_vqa import easy_vqa_corpus, easy_vqa_tokenizer
+from megatron_papo.data.templates import TEMPLATES
+from megatron_papo.models.tiny_vlm import mrope_section
+
 __all__ = ["QWEN_SPECIAL_TOKENS", "bpe_special_ids", "bpe_tokenizer_overrides", "easy_vqa_overrides",
            "make_tiny_bpe_tokenizer", "make_tiny_qwen2_5_vl", "make_tiny_qwen2_5_vl_with_tokenizer",
            "tiny_qwen_config"]
@@ -35,8 +39,6 @@ def tiny_qwen_config(*, vocab_size: int = 320, tied: bool = False, image_token_i
                      ffn_hidden_size: int = 192, vision_depth: int = 4, dtype: str = "float32") -> Any:
     """The transformers ``Qwen2_5_VLConfig`` of a tiny random model."""
     from transformers import Qwen2_5_VLConfig
-
-    from megatron_papo.models.tiny_vlm import mrope_section
 
     image = vocab_size - 20 if image_token_id is None else image_token_id
     specials = [i for i in range(vocab_size - 19, vocab_size) if i != image][:3]
@@ -66,8 +68,6 @@ def make_tiny_bpe_tokenizer(out: str | Path, vocab_size: int = 480) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from megatron_papo.data.templates import TEMPLATES
-    from megatron_papo.tokenizer import easy_vqa_corpus
 
     corpus = list(easy_vqa_corpus())
     corpus += [t.render(q, 1) for t in TEMPLATES.values() for q in corpus[:50]]
@@ -98,8 +98,6 @@ def bpe_special_ids(tok: Any) -> dict[str, int]:
 
 def easy_vqa_overrides() -> dict[str, int]:
     """vocab_size and image_token_id matching the project's easy-VQA word tokenizer."""
-    from megatron_papo.tokenizer import easy_vqa_tokenizer
-
     tok = easy_vqa_tokenizer()
     return {"vocab_size": max(tok.vocab_size + 24, 64), "image_token_id": tok.image_token_id}
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_papo.checkpointing import (
+from megatron_papo.distributed import ProcessGroups
+from megatron_papo.testing import run_distributed
+from megatron_papo.training.checkpointing import (
     TRAINER_STATE_FILE,
     CheckpointError,
     _prune,
@@ -24,8 +26,6 @@ from megatron_papo.checkpointing import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from megatron_papo.distributed import ProcessGroups
-from megatron_papo.testing import run_distributed
 
 _TRAIN = dict(lr=1e-2, weight_decay=0.1, grad_clip=0.5, warmup_steps=3)
 
@@ -46,7 +46,7 @@ def _seed_data_streams(rank: int) -> None:
 
 def _setup(tp: int, seed: int, dropout: float = 0.0):
     from megatron_papo.config import ParallelConfig, TrainConfig
-    from megatron_papo.optim import LrSchedule, build_optimizer
+    from megatron_papo.training.optim import LrSchedule, build_optimizer
     from tests.optim_ckpt_models import tiny_gpt
 
     train = TrainConfig(**_TRAIN)
@@ -69,8 +69,8 @@ def _params(ddp) -> list[torch.Tensor]:
 
 def _resume_exactly(rank: int, root: Path) -> dict:
     """dp=2: 4 uninterrupted steps vs 2 steps + save + fresh (other init) model + load + 2 steps."""
-    from megatron_papo.checkpointing import save_checkpoint
     from megatron_papo.distributed import init_distributed
+    from megatron_papo.training.checkpointing import save_checkpoint
 
     out: dict = {}
     pg = init_distributed(tp=1)
@@ -107,8 +107,8 @@ def _resume_exactly(rank: int, root: Path) -> dict:
 def _reshard_tp2_to_tp1(rank: int, root: Path) -> dict:
     """Save at TP=2 (dp=1) after one step; load at TP=1 (dp=2) into other weights: same logits,
     and the next step (optimizer state resharded) gives the same model as at TP=2."""
-    from megatron_papo.checkpointing import save_checkpoint
     from megatron_papo.distributed import init_distributed
+    from megatron_papo.training.checkpointing import save_checkpoint
     from tests.optim_ckpt_models import lm_loss, logits, random_tokens
 
     tokens = random_tokens(2, torch.Generator().manual_seed(5))  # same batch on every rank

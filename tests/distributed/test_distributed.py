@@ -117,7 +117,7 @@ def _loss(model, backward: bool = True) -> tuple[float, bool]:
 
 
 def _gpt_tp2_vs_tp1(rank: int, world: int, ckpt_dir: str) -> dict:
-    from megatron_papo import mcore_compat
+    from megatron_papo.compat import mcore_compat
     from megatron_papo.distributed import barrier, init_distributed
 
     out = {}

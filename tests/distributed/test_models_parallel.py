@@ -97,7 +97,7 @@ def _parallel_run(rank: int, world: int, ckpt_dir: str) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_papo import mcore_compat
+    from megatron_papo.compat import mcore_compat
     from megatron_papo.distributed import barrier, init_distributed
 
     batch, out = _batch(), {}

@@ -68,7 +68,6 @@ def _run(rank: int, world: int, hf_dir: str, work: str) -> dict:
 
     from safetensors.torch import load_file
 
-    from megatron_papo.checkpointing import load_checkpoint
     from megatron_papo.convert import (
         build_for_conversion,
         convert_hf_to_megatron,
@@ -77,6 +76,7 @@ def _run(rank: int, world: int, hf_dir: str, work: str) -> dict:
         run_parity_check,
     )
     from megatron_papo.distributed import barrier, init_distributed
+    from megatron_papo.training.checkpointing import load_checkpoint
 
     work_dir = Path(work)
     ref = load_file(str(Path(hf_dir) / "model.safetensors"))

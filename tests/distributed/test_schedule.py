@@ -57,7 +57,7 @@ def _global_layer(key: str, stage: int) -> str:
 
 def _run(rank, world):
     from megatron_papo.distributed import init_distributed
-    from megatron_papo.schedule import run_microbatches
+    from megatron_papo.training.schedule import run_microbatches
 
     init_distributed(tp=1, pp=1)
     full = _gpt(1, True, True)

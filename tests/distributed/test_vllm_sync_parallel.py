@@ -49,10 +49,10 @@ class _RecordingBackend:
 def _run(rank: int, world: int, hf_dir: str, work: str) -> dict:
     from pathlib import Path
 
-    from megatron_papo.checkpointing import load_checkpoint
     from megatron_papo.convert import build_for_conversion, convert_hf_to_megatron
     from megatron_papo.distributed import init_distributed
     from megatron_papo.rollout.vllm_engine import VLLMRolloutEngine
+    from megatron_papo.training.checkpointing import load_checkpoint
 
     out = {}
     pg = init_distributed(tp=2, seed=0)

@@ -8,7 +8,7 @@ on CPU with local specs in fp32; it has not run on GPUs)."""
 import pytest
 import torch
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 from megatron_papo.testing import run_distributed
 
 pytestmark = [

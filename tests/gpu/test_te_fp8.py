@@ -4,7 +4,7 @@ within bf16 tolerance, and an FP8 step runs (skipped without CUDA / Transformer 
 import pytest
 import torch
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 
 pytestmark = [
     pytest.mark.gpu,
@@ -69,7 +69,7 @@ def test_te_spec_step_matches_local_spec(world):
 
 @pytest.mark.parametrize("recipe", ["delayed", "current", "blockwise"])
 def test_fp8_step_runs(world, recipe):
-    from megatron_papo.runtime_checks import cuda_capability, fp8_support_problem, te_version
+    from megatron_papo.compat.runtime_checks import cuda_capability, fp8_support_problem, te_version
 
     problem = fp8_support_problem(recipe, cuda_capability(), te_version())
     if problem:

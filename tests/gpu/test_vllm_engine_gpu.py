@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 
 pytestmark = [
     pytest.mark.gpu,

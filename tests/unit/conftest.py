@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 from megatron_papo.distributed import destroy_distributed, init_distributed
 
 

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from megatron_papo.batch import (
+from megatron_papo.losses.aggregation import aggregate
+from megatron_papo.ops.context_parallel import zigzag_merge, zigzag_split
+from megatron_papo.training.batch import (
     build_train_batch,
     micro_batch_dicts,
     pad_columns,
     pad_rows_to_multiple,
     stack_pixels,
 )
-from megatron_papo.losses.aggregation import aggregate
-from megatron_papo.ops.context_parallel import zigzag_merge, zigzag_split
 
 PAD = 0
 
@@ -70,8 +70,8 @@ def test_shape_errors():
 
 
 def test_inert_rows_and_equal_update_counts():
-    from megatron_papo.batch import concat_batches, inert_rows
-    from megatron_papo.trainer import _mini_batches
+    from megatron_papo.training.batch import concat_batches, inert_rows
+    from megatron_papo.training.trainer import _mini_batches
 
     b = _batch()
     inert = inert_rows(b, 3)

@@ -29,8 +29,7 @@ from megatron_papo.data import (
     load_rows,
     right_pad,
 )
-from megatron_papo.data.easy_vqa import load_split
-from megatron_papo.tokenizer import easy_vqa_tokenizer
+from megatron_papo.data.easy_vqa import easy_vqa_tokenizer, load_split
 
 N_IMG = 3  # image tokens per image in these tests
 CFG = DataConfig(image_key="image", question_key="problem", answer_key="answer")

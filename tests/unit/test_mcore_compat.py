@@ -9,7 +9,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-from megatron_papo import mcore_compat as mc
+from megatron_papo.compat import mcore_compat as mc
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU patches are a no-op with CUDA")
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_papo.metrics import MetricsLogger, read_metrics, reduce_step_metrics, summarize
+from megatron_papo.training.metrics import MetricsLogger, read_metrics, reduce_step_metrics, summarize
 
 
 def test_token_weighted_means_and_extremes():

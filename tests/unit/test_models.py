@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 from megatron_papo.config import ModelConfig
 from megatron_papo.distributed import destroy_distributed, init_distributed
 

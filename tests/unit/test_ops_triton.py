@@ -25,7 +25,7 @@ import os
 import pytest
 import torch
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 from megatron_papo.losses import PapoLossConfig, papo_loss
 from megatron_papo.ops import papo_token_stats
 from megatron_papo.ops.fused import resolve_impl

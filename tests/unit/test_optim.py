@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_papo.config import ParallelConfig, TrainConfig
-from megatron_papo.optim import (
+from megatron_papo.training.optim import (
     LrSchedule,
     build_optimizer,
     set_param_group_hparams,
@@ -17,7 +17,7 @@ from tests.optim_ckpt_models import lm_loss, random_tokens, tiny_gpt, train_step
 def one_rank_world():
     """init_distributed() without a launcher (in-process gloo world of one), torn down after;
     CPU patches reverted if this fixture applied them."""
-    from megatron_papo import mcore_compat
+    from megatron_papo.compat import mcore_compat
     from megatron_papo.distributed import destroy_distributed, init_distributed
 
     patched_before = bool(mcore_compat.applied_patches())

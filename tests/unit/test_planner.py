@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 from megatron_papo.planner import (
     GIB,
     PRESETS,

@@ -183,9 +183,9 @@ def test_round_trip_variants(kind, pg, tmp_path):
 
 
 def test_exporter_buckets_are_bounded(hf_dir, converted, pg):
-    from megatron_papo.checkpointing import load_checkpoint
     from megatron_papo.convert import build_for_conversion
     from megatron_papo.models.hf_qwen2_5_vl import iter_hf_buckets
+    from megatron_papo.training.checkpointing import load_checkpoint
 
     model = build_for_conversion(hf_dir, pg)
     load_checkpoint(converted, [model], None, pg, load_optimizer=False, load_rng=False)
@@ -297,7 +297,7 @@ def _tiny_hf_tokenizer(folder: Path) -> Path:
 
 def test_hf_tokenizer_wraps_images_in_vision_tokens(tmp_path):
     from megatron_papo.data.templates import encode_prompt, get_template
-    from megatron_papo.tokenizer import HFTokenizer, Tokenizer
+    from megatron_papo.data.tokenizer import HFTokenizer, Tokenizer
 
     tok = HFTokenizer(_tiny_hf_tokenizer(tmp_path / "tok"))
     assert isinstance(tok, Tokenizer)

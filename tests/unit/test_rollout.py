@@ -345,7 +345,7 @@ def test_engine_rejects_bad_forward_and_images_for_text_gpt():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def one_rank_world():
-    from megatron_papo import mcore_compat
+    from megatron_papo.compat import mcore_compat
     from megatron_papo.distributed import destroy_distributed, init_distributed
 
     pg = init_distributed()

@@ -3,10 +3,10 @@ that CPU CI can reach), and the FP8 recipe-vs-GPU rules as a pure function."""
 
 import pytest
 
-from megatron_papo import mcore_compat, runtime_checks
+from megatron_papo.compat import mcore_compat, runtime_checks
+from megatron_papo.compat.mcore_compat import MissingDependencyError
+from megatron_papo.compat.runtime_checks import check_runtime, fp8_support_problem
 from megatron_papo.config import load_config
-from megatron_papo.mcore_compat import MissingDependencyError
-from megatron_papo.runtime_checks import check_runtime, fp8_support_problem
 
 NO_TE = not mcore_compat.have_transformer_engine()
 NO_VLLM = not mcore_compat.have_vllm()

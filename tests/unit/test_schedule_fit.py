@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_papo.schedule import _fit_interleaved_schedule
+from megatron_papo.training.schedule import _fit_interleaved_schedule
 
 
 class _Chunk(torch.nn.Module):

@@ -1,19 +1,19 @@
-"""WordTokenizer (megatron_papo.tokenizer): ids, round trips, specials, reward compatibility."""
+"""WordTokenizer (megatron_papo.data.tokenizer): ids, round trips, specials, reward compatibility."""
 
 import hashlib
 import random
 
 import pytest
 
-from megatron_papo.rewards import accuracy_reward, extract_last_boxed, format_reward
-from megatron_papo.tokenizer import (
+from megatron_papo.data.easy_vqa import easy_vqa_tokenizer
+from megatron_papo.data.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
     WordTokenizer,
-    easy_vqa_tokenizer,
     normalize_text,
     split_pieces,
 )
+from megatron_papo.rewards import accuracy_reward, extract_last_boxed, format_reward
 
 CORPUS = ["What is the blue shape?", "Is there a red circle in the image?", "The answer is 42."]
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 from megatron_papo.rollout import RolloutRequest, SamplingParams
 from megatron_papo.rollout.vllm_engine import (
     PatchLayout,
@@ -108,8 +108,8 @@ def test_collapse_image_placeholders():
 @pytest.fixture(scope="module")
 def model(hf_dir, pg, tmp_path_factory):
     """The tiny Qwen converted HF -> Megatron and loaded back from the Megatron checkpoint."""
-    from megatron_papo.checkpointing import load_checkpoint
     from megatron_papo.convert import build_for_conversion, convert_hf_to_megatron
+    from megatron_papo.training.checkpointing import load_checkpoint
 
     out = tmp_path_factory.mktemp("meg") / "ckpt"
     convert_hf_to_megatron(hf_dir, out, pg)
@@ -459,10 +459,11 @@ class DelegatingBackend(FakeBackend):
 
 
 def test_trainer_rl_step_with_a_fake_vllm(hf_dir, pg, tmp_path, monkeypatch):
-    from megatron_papo import trainer
     from megatron_papo.config import load_config
     from megatron_papo.rollout import MegatronRolloutEngine
     from megatron_papo.testing.tiny_qwen import make_tiny_qwen2_5_vl_with_tokenizer
+    from megatron_papo.training import parts as parts_mod
+    from megatron_papo.training import trainer
 
     hf = make_tiny_qwen2_5_vl_with_tokenizer(tmp_path / "hf", seed=11)
     fake = DelegatingBackend()
@@ -472,14 +473,14 @@ def test_trainer_rl_step_with_a_fake_vllm(hf_dir, pg, tmp_path, monkeypatch):
         seen.update(kwargs, hf_path=hf_path)
         return fake
 
-    monkeypatch.setattr(trainer, "vllm_backend_factory", factory)
+    monkeypatch.setattr(parts_mod, "vllm_backend_factory", factory)
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
     cfg = load_config(str(root / "examples/tiny_qwen2_5_vl_papo_g.yaml"), [
         "rollout.engine=vllm", f"model.hf_path={hf}", f"checkpoint.init_weights={hf}", "checkpoint.dir=",
         f"logging.dir={tmp_path}/run", "rollout.prompts_per_step=2", "train.update_prompts=2",
         "rollout.vllm_sync_bucket_mb=1"])
-    parts = trainer.build_parts(cfg, pg)
-    trainer.init_weights(parts, cfg, pg)
+    parts = parts_mod.build_parts(cfg, pg)
+    parts_mod.init_weights(parts, cfg, pg)
     assert seen["hf_path"] == str(hf) and seen["tensor_parallel_size"] == 1
     assert seen["image_pixels"] == (56 * 56, 56 * 56) and seen["max_images_per_prompt"] == 1
     extra_rows = set(range(parts.tokenizer.vocab_size, parts.model_chunks[0].vocab_size))
@@ -487,7 +488,7 @@ def test_trainer_rl_step_with_a_fake_vllm(hf_dir, pg, tmp_path, monkeypatch):
     assert seen["max_model_len"] == cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
     fake.model = parts.model_chunks[0]
     fake.delegate = MegatronRolloutEngine(
-        trainer.pipeline_forward_fn(parts.model_chunks, pg, trainer.never_generate_ids(parts.tokenizer)),
+        parts_mod.pipeline_forward_fn(parts.model_chunks, pg, parts_mod.never_generate_ids(parts.tokenizer)),
         tp_group=pg.tp, vocab_size=parts.tokenizer.vocab_size, eos_id=parts.tokenizer.eos_id,
         pad_id=parts.tokenizer.pad_id, model=parts.model_chunks)
     before = {k: v.clone() for k, v in parts.model_chunks[0].state_dict().items() if "visual.blocks.0" in k}

@@ -28,8 +28,8 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from megatron_papo import mcore_compat
-from megatron_papo.mcore_compat import MissingDependencyError
+from megatron_papo.compat import mcore_compat
+from megatron_papo.compat.optional_deps import MissingDependencyError
 
 __all__ = [
     "FP8_RECIPES", "Fp8Recipe", "check_runtime", "cuda_capability", "fp8_support_problem", "te_version",

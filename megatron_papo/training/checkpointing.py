@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 from megatron_papo.distributed import ProcessGroups, barrier
 
 __all__ = [

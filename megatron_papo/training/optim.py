@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from megatron_papo import mcore_compat
+from megatron_papo.compat import mcore_compat
 from megatron_papo.config import ParallelConfig, TrainConfig
 
 __all__ = [

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megatron_papo.models.base import concat_pixels
+from megatron_papo.ops.context_parallel import zigzag_split
 from megatron_papo.rollout.base import position_ids_from_mask
 
 
@@ -123,8 +125,6 @@ def build_train_batch(input_ids: Tensor, attention_mask: Tensor, response_start:
 def stack_pixels(per_row: Sequence[Any]) -> Any:
     """Concatenate the rows' images in row order ([sum n_img, C, H, W] tensors, or the model's
     own container, see ``models.base.concat_pixels``), or None if no image."""
-    from megatron_papo.models.base import concat_pixels
-
     return concat_pixels(per_row)
 
 
@@ -186,8 +186,6 @@ def micro_batch_dicts(batch: TrainBatch, micro_batch_size: int, *, masked_branch
         }
         d["row_tokens"] = mb.loss_mask.sum(dim=1)
         if cp_size > 1:
-            from megatron_papo.ops.context_parallel import zigzag_split
-
             for k in LOSS_TOKEN_FIELDS:
                 if d[k] is not None:
                     d[k] = zigzag_split(d[k], cp_rank, cp_size, dim=1)

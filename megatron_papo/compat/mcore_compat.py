@@ -17,12 +17,12 @@ Three jobs, each small:
 
 3. **Absorbing version differences** between the supported megatron-core releases
    (``>=0.16.1,<0.20``; see docs/VERSIONS.md): :data:`MCORE_VERSION` and one tiny adapter per
-   API difference that the project meets, in :mod:`megatron_papo.mcore_versions`.
+   API difference that the project meets, in :mod:`megatron_papo.compat.mcore_versions`.
 
 Plus dependency probes for the optional GPU stack (:func:`have_transformer_engine`, ...,
-:func:`require`), in :mod:`megatron_papo.optional_deps`.
+:func:`require`), in :mod:`megatron_papo.compat.optional_deps`.
 
-This module re-exports every name of those two modules: ``from megatron_papo.mcore_compat import X``
+This module re-exports every name of those two modules: ``from megatron_papo.compat.mcore_compat import X``
 and ``mcore_compat.X`` keep working for the version adapters and the probes.
 """
 
@@ -39,7 +39,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from megatron_papo.mcore_versions import (
+from megatron_papo.compat.mcore_versions import (
     MCORE_VERSION,
     SUPPORTED_MCORE,
     _accepts,  # noqa: F401
@@ -54,7 +54,7 @@ from megatron_papo.mcore_versions import (
     mlp_submodules,
     vocab_parallel_cross_entropy,
 )
-from megatron_papo.optional_deps import (
+from megatron_papo.compat.optional_deps import (
     _ALIASES,  # noqa: F401
     _FEATURES,  # noqa: F401
     MissingDependencyError,

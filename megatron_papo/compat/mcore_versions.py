@@ -5,7 +5,7 @@
 them (0.16.1 vs 0.19.x), and absorbs each with one tiny adapter below, so that nothing else in
 the tree branches on the version.
 
-:mod:`megatron_papo.mcore_compat` re-exports every name of this module
+:mod:`megatron_papo.compat.mcore_compat` re-exports every name of this module
 (``mcore_compat.dist_ckpt_save(...)`` keeps working).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from megatron_papo.optional_deps import _importable
+from megatron_papo.compat.optional_deps import _importable
 
 __all__ = [
     "MCORE_VERSION",

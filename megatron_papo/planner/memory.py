@@ -10,15 +10,15 @@ Pure arithmetic over dataclasses (no torch, no megatron-core): it runs anywhere 
 on CPU against measured peaks of the tiny model (tests/unit/test_planner.py, docs/SCALING.md).
 
 The architectures planned for (``LanguageArch``, ``VisionArch``, ``Architecture``, ``PRESETS``,
-``architecture_from_hf_config``) are in megatron_papo/planner_archs.py and re-exported here; this
-module holds the run shape (``RunShape``), the formulas, ``plan_memory`` and the report.
+``architecture_from_hf_config``) are in megatron_papo/planner/archs.py; this module holds the
+run shape (``RunShape``), the formulas, ``plan_memory`` and the report.
 
 Conventions. ``s`` = tokens of one sample (prompt + response, image tokens included), ``b`` =
 micro-batch (responses), ``h`` = hidden, ``a`` = query heads, ``g`` = key/value heads, ``d`` =
 head dim, ``f`` = MLP inner size, ``V`` = padded vocabulary, ``t`` = tensor parallel, ``c`` =
 context parallel. Each formula is written next to the function that applies it.
 
-What megatron_papo allocates (megatron_papo/optim.py): megatron-core DDP with
+What megatron_papo allocates (megatron_papo/training/optim.py): megatron-core DDP with
 ``grad_reduce_in_fp32=True`` (a full fp32 gradient buffer per rank, also under the distributed
 optimizer), Adam with fp32 main parameters when the model is bf16, optimizer state sharded over
 the data-parallel x context-parallel ranks when ``use_distributed_optimizer``.
@@ -30,12 +30,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_papo.planner_archs import (
+from megatron_papo.planner.archs import (
     PRESETS,
     Architecture,
     LanguageArch,
     VisionArch,
-    _qwen_vision,  # noqa: F401
     architecture_from_hf_config,
 )
 

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from megatron_papo.algorithms import filter_groups, group_normalized_advantages
-from megatron_papo.batch import TrainBatch, build_train_batch
 from megatron_papo.config import AlgorithmConfig
 from megatron_papo.data.dataset import Sample
+from megatron_papo.data.tokenizer import Tokenizer
 from megatron_papo.masking import MaskingConfig, mask_group_images
 from megatron_papo.rewards import RewardConfig, RewardResult, compute_rewards
 from megatron_papo.rollout import RolloutEngine, RolloutRequest, RolloutResult, SamplingParams
-from megatron_papo.tokenizer import Tokenizer
+from megatron_papo.training.batch import TrainBatch, build_train_batch
 
 SFT_RESPONSE = "<think> </think> \\boxed{{{answer}}}"
 """Target of the supervised warm start: the format the reward expects, with the right answer."""

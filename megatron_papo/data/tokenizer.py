@@ -28,12 +28,13 @@ Decoding concatenates the token strings; ``skip_special=True`` drops the control
 ``\\boxed{``, ``}``) that the reward functions read.
 
 Ids are a pure function of the corpus: specials first (fixed ids 0-8), then the character
-alphabet, then corpus pieces by descending count, ties broken by the piece's text.
+alphabet, then corpus pieces by descending count, ties broken by the piece's text. The corpus
+comes from the caller (the easy-VQA one: ``megatron_papo.data.easy_vqa.easy_vqa_tokenizer``); this
+module imports no dataset and no template.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import string
@@ -272,33 +273,6 @@ def _check_extra_tokens(extra_tokens: Iterable[str], lowercase: bool) -> list[st
     return out
 
 
-# --------------------------------------------------------------------------------------
-# The easy-VQA tokenizer
-# --------------------------------------------------------------------------------------
-
-
-def easy_vqa_corpus() -> list[str]:
-    """Texts the easy-VQA tokenizer is built from: the distinct train questions (alone and inside
-    every registered prompt template), the 13 answers boxed and inside a short think block.
-
-    Test questions are left out on purpose (they are the same 107 texts, which a test checks).
-    Piece ids are ordered by their count in this list (ties by text).
-    """
-    from megatron_papo.data.easy_vqa import EASY_VQA_ANSWERS, easy_vqa_train_questions
-    from megatron_papo.data.templates import template_corpus
-
-    questions = sorted(set(easy_vqa_train_questions()))
-    answers = [f"{BOX_OPEN}{a}{BOX_CLOSE}" for a in EASY_VQA_ANSWERS]
-    answers += [f"{THINK_OPEN} the answer is {a} {THINK_CLOSE}" for a in EASY_VQA_ANSWERS]
-    return [*questions, *answers, *template_corpus(questions)]
-
-
-@functools.cache
-def easy_vqa_tokenizer() -> WordTokenizer:
-    """The tokenizer of the tiny easy-VQA model (built once per process, same ids everywhere)."""
-    return WordTokenizer.build(easy_vqa_corpus(), min_freq=1)
-
-
 __all__ = [
     "BOX_CLOSE",
     "BOX_OPEN",
@@ -309,8 +283,6 @@ __all__ = [
     "THINK_OPEN",
     "Tokenizer",
     "WordTokenizer",
-    "easy_vqa_corpus",
-    "easy_vqa_tokenizer",
     "normalize_text",
     "split_pieces",
 ]

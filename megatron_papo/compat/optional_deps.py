@@ -4,7 +4,7 @@ Each probe (:func:`have_transformer_engine`, :func:`have_apex`, :func:`have_vllm
 :func:`have_triton`) is lazy, cached and never raises; :func:`require` turns an absent one into a
 :class:`MissingDependencyError` that says how to install it. Nothing here imports megatron-core.
 
-:mod:`megatron_papo.mcore_compat` re-exports every name of this module
+:mod:`megatron_papo.compat.mcore_compat` re-exports every name of this module
 (``mcore_compat.require(...)`` keeps working).
 """
 

@@ -14,14 +14,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_papo.batch import TrainBatch, micro_batch_dicts, pad_columns
-from megatron_papo.distributed import ProcessGroups
+from megatron_papo.distributed import ProcessGroups, broadcast_object
 from megatron_papo.losses import PapoLossConfig, papo_loss
-from megatron_papo.metrics import reduce_step_metrics
+from megatron_papo.models.base import sequence_multiple as config_multiple
 from megatron_papo.ops import gather_from_context_parallel, global_token_count, vocab_parallel_log_probs
 from megatron_papo.ops.groups import rank_and_size
 from megatron_papo.rollout.megatron_engine import eval_no_grad
-from megatron_papo.schedule import global_mean_loss_scale, run_microbatches
+from megatron_papo.training.batch import TrainBatch, micro_batch_dicts, pad_columns
+from megatron_papo.training.metrics import reduce_step_metrics
+from megatron_papo.training.optim import optimizer_step, zero_grads
+from megatron_papo.training.schedule import global_mean_loss_scale, run_microbatches
 
 
 def model_forward(model: torch.nn.Module, mb: Mapping[str, Any]) -> Tensor:
@@ -33,8 +35,6 @@ def sequence_multiple(model_chunks: Sequence[torch.nn.Module]) -> int:
     """What a batch's column count must be a multiple of for these (bare or DDP) chunks
     (``models.base.sequence_multiple`` of their language model's config)."""
     from megatron.core.utils import get_model_config
-
-    from megatron_papo.models.base import sequence_multiple as config_multiple
 
     return config_multiple(get_model_config(model_chunks[0]))
 
@@ -71,8 +71,6 @@ def share_from_last_stage(metrics: dict[str, float], pg: ProcessGroups) -> dict[
         return metrics
     from megatron.core import parallel_state
 
-    from megatron_papo.distributed import broadcast_object
-
     return broadcast_object(metrics, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pg.pp)
 
 
@@ -89,8 +87,6 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
     branch needs logits at update time (full KL/entropies, or masked_grad), each micro-batch
     carries both branches and one pipeline pass computes both.
     """
-    from megatron_papo.optim import optimizer_step, zero_grads
-
     both = loss_config.uses_masked_branch and (loss_config.masked_grad or loss_config.needs_logits)
     batch = pad_columns(batch, sequence_multiple(ddp_chunks))
     mbs = micro_batch_dicts(batch, micro_batch_size, both_branches=both, cp_rank=pg.cp_rank,

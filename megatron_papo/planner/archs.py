@@ -4,8 +4,7 @@ the pair (:class:`Architecture`), the Qwen2.5-VL and tiny-VLM :data:`PRESETS` (n
 from each model's config.json), and :func:`architecture_from_hf_config`, which reads a Hugging
 Face config.json.
 
-Pure dataclasses (no torch, no megatron-core). :mod:`megatron_papo.planner` re-exports every
-name of this module (``from megatron_papo.planner import PRESETS`` keeps working).
+Pure dataclasses (no torch, no megatron-core); :mod:`megatron_papo.planner` re-exports the public names.
 """
 
 from __future__ import annotations

@@ -1,0 +1,63 @@
+"""Held-out accuracy (avg@k) with the original images and with patch-masked images (the library
+side of ``python -m megatron_papo.evaluate``; the trainer calls :func:`evaluate` too).
+
+The gap between the two accuracies measures how much the policy relies on the image. The eval
+split (data.eval) is opened with role="eval": the data layer refuses the test split for training.
+Prompts are split over data-parallel ranks and the counts all-reduced.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_papo.config import PapoConfig
+from megatron_papo.data.dataset import PromptDataset, build_prompt_dataset
+from megatron_papo.distributed import ProcessGroups
+from megatron_papo.rollout import SamplingParams
+from megatron_papo.training import steps
+from megatron_papo.training.parts import Parts
+
+
+def _eval_dataset(parts: Parts, cfg: PapoConfig) -> PromptDataset:
+    if "eval_dataset" not in parts.extra:
+        model = parts.model_chunks[0]
+        parts.extra["eval_dataset"] = build_prompt_dataset(
+            cfg.data.eval, cfg.data, parts.tokenizer, model.num_image_tokens, role="eval")
+    return parts.extra["eval_dataset"]
+
+
+def evaluate(parts: Parts, cfg: PapoConfig, pg: ProcessGroups) -> dict[str, float]:
+    """eval/accuracy (original images), eval/accuracy_masked, eval/masked_gap, eval/format, avg@k."""
+    ev = cfg.evaluation
+    dataset = _eval_dataset(parts, cfg)
+    total = len(dataset) if ev.num_prompts == 0 else min(ev.num_prompts, len(dataset))
+    mine = list(range(pg.dp_rank, total, pg.dp_size))
+    params = SamplingParams(n=ev.k, temperature=ev.temperature, top_p=ev.top_p,
+                            max_new_tokens=cfg.rollout.max_new_tokens,
+                            seed=steps.derive_seed(cfg.train.seed, 99))
+    model = parts.model_chunks[0]
+    sums = torch.zeros(4, dtype=torch.float64)  # correct, correct_masked, format, rows
+    chunk = max(1, cfg.rollout.prompts_per_step)
+    steps.prepare_engine(parts.engine, parts.model_chunks, pg)  # vLLM: the current weights, awake
+    for lo in range(0, len(mine), chunk):
+        samples = [dataset[i] for i in mine[lo:lo + chunk]]
+        res = steps.rollout(parts.engine, samples, steps.prompt_pixels(model, samples), params)
+        rew = steps.score(res, samples, parts.tokenizer, cfg.reward)
+        sums[0] += rew.accuracy.double().sum()
+        sums[2] += rew.format.double().sum()
+        sums[3] += len(res)
+        if ev.masked:
+            masked = steps.masked_prompt_pixels(model, samples, cfg.masking, step=0)
+            res_m = steps.rollout(parts.engine, samples, masked, params)
+            sums[1] += steps.score(res_m, samples, parts.tokenizer, cfg.reward).accuracy.double().sum()
+    parts.engine.release()
+    if pg.dp_size > 1:
+        dist.all_reduce(sums, group=pg.dp)
+    rows = max(sums[3].item(), 1.0)
+    out = {f"eval/accuracy@{ev.k}": sums[0].item() / rows, "eval/format": sums[2].item() / rows,
+           "eval/prompts": float(total)}
+    if ev.masked:
+        out[f"eval/accuracy_masked@{ev.k}"] = sums[1].item() / rows
+        out["eval/masked_gap"] = (sums[0].item() - sums[1].item()) / rows
+    return out

@@ -1,0 +1,274 @@
+"""The RL loop: the parts are built once (``training.parts``), then steps that read like
+DESIGN.md's diagram.
+
+    train(cfg, pg)               # [resume] -> [SFT warm start] -> RL steps -> checkpoints -> evaluation
+
+One RL step (`rl_step`): prompts -> rollout (original images) -> rewards -> group advantages
+(+ DAPO filter) -> one masked image per prompt -> no-grad passes (old, masked, reference) ->
+micro-batched PAPO update(s) through megatron-core's schedule -> metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_papo.config import PapoConfig, to_dict
+from megatron_papo.distributed import ProcessGroups, is_rank_zero
+from megatron_papo.losses import PapoLossConfig, token_mean
+from megatron_papo.ops import global_token_count, vocab_parallel_log_probs
+from megatron_papo.rollout import SamplingParams
+from megatron_papo.training import steps
+from megatron_papo.training.batch import (
+    TrainBatch,
+    inert_rows,
+    micro_batch_dicts,
+    pad_columns,
+    pad_rows_to_multiple,
+)
+from megatron_papo.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_papo.training.evaluation import evaluate
+from megatron_papo.training.metrics import MetricsLogger, ProgressBar, reduce_step_metrics
+from megatron_papo.training.optim import optimizer_step, set_param_group_hparams, zero_grads
+from megatron_papo.training.parts import Parts, build_parts, init_weights
+from megatron_papo.training.passes import (
+    compute_log_probs,
+    model_forward,
+    papo_update,
+    sequence_multiple,
+    share_from_last_stage,
+)
+from megatron_papo.training.schedule import global_mean_loss_scale, run_microbatches
+
+# ----------------------------------------------------------------------------- one step
+
+
+def _sampling_params(cfg: PapoConfig, step: int, pg: ProcessGroups) -> SamplingParams:
+    return SamplingParams.from_config(cfg.rollout, seed=steps.derive_seed(cfg.train.seed, step, pg.dp_rank))
+
+
+def fill_log_probs(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: ProcessGroups) -> None:
+    """The no-grad passes: old (original image), masked (masked image), reference (if beta > 0)."""
+    kw = dict(micro_batch_size=cfg.train.micro_batch_size, tp_group=pg.tp,
+              vocab_size=parts.tokenizer.vocab_size, cp_group=pg.cp)
+    batch.old_log_probs = compute_log_probs(parts.model_chunks, batch, **kw)
+    if cfg.loss.uses_masked_branch:
+        batch.masked_log_probs = compute_log_probs(parts.model_chunks, batch, masked_branch=True, **kw)
+    if parts.ref_chunks is not None:
+        batch.ref_log_probs = compute_log_probs(parts.ref_chunks, batch, **kw)
+
+
+def _all_reduce_int(value: int, group: dist.ProcessGroup | None, op: dist.ReduceOp) -> int:
+    t = torch.tensor(value, dtype=torch.int64)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return int(t.item())
+
+
+def _mini_batches(batch: TrainBatch, rows_per_update: int, micro: int, count: int) -> list[TrainBatch]:
+    """Split into mini-batches of <= rows_per_update rows (padded to whole micro-batches), then
+    append inert mini-batches up to `count` (every data-parallel replica takes `count` updates)."""
+    out = []
+    for start in range(0, batch.num_rows, rows_per_update):
+        idx = list(range(start, min(start + rows_per_update, batch.num_rows)))
+        out.append(pad_rows_to_multiple(batch.rows(idx), micro))
+    while len(out) < count:
+        out.append(inert_rows(batch, micro))
+    return out
+
+
+def _update(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: ProcessGroups, step: int,
+            loss_config: PapoLossConfig) -> list[dict[str, float]]:
+    rows_per_update = max(cfg.train.micro_batch_size,
+                          cfg.train.update_prompts * cfg.rollout.n // pg.dp_size)
+    # the DAPO filter can leave replicas with different row counts: agree on the update count
+    count = _all_reduce_int(-(-batch.num_rows // rows_per_update), pg.dp, dist.ReduceOp.MAX)
+    out = []
+    for _ in range(cfg.train.epochs_per_step):
+        for mini in _mini_batches(batch, rows_per_update, cfg.train.micro_batch_size, count):
+            lr = parts.lr_schedule.apply(parts.optimizer)
+            m = papo_update(parts.ddp_chunks, parts.optimizer, mini, loss_config,
+                            micro_batch_size=cfg.train.micro_batch_size, pg=pg,
+                            vocab_size=parts.tokenizer.vocab_size, step=step)
+            if not m.get("update_skipped"):
+                parts.lr_schedule.advance()
+            out.append({**m, "lr": lr})
+    return out
+
+
+def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict[str, float]:
+    """One RL step (module docstring); returns metrics reduced over data-parallel ranks."""
+    t0 = time.perf_counter()
+    samples = [parts.dataset[parts.rl_indices[i]] for i in parts.sampler.next_batch()]
+    model = parts.model_chunks[0]
+    pixels = steps.prompt_pixels(model, samples)
+    sync = steps.prepare_engine(parts.engine, parts.model_chunks, pg)  # vLLM: weights in, KV cache back
+    result = steps.rollout(parts.engine, samples, pixels, _sampling_params(cfg, step, pg))
+    parts.engine.release()  # vLLM: sleep, its memory goes back to training
+    t_rollout = time.perf_counter() - t0
+    rewards = steps.score(result, samples, parts.tokenizer, cfg.reward)
+    adv = steps.group_advantages(rewards, cfg.rollout.n, cfg.algorithm)
+    local = steps.rollout_metrics(result, rewards)
+    local.update(adv.metrics)
+    # Updates are collective over data-parallel replicas: skip only when no replica kept a group
+    # (DAPO filter); a replica that kept none takes part with inert rows (no loss, no gradient).
+    kept_anywhere = _all_reduce_int(int(adv.kept_rows.numel()), pg.dp, dist.ReduceOp.SUM)
+    update_metrics: list[dict[str, float]] = []
+    generated = float(result.metrics.get("generated_tokens", 0.0))
+    if kept_anywhere > 0:
+        masked_pixels = steps.masked_prompt_pixels(model, samples, cfg.masking, step)
+        if adv.kept_rows.numel() == 0:
+            adv = steps.Advantages(advantages=torch.zeros(len(result)), kept_rows=torch.arange(len(result)),
+                                   metrics=adv.metrics)
+            batch = inert_rows(steps.rollout_train_batch(result, adv, pixels, masked_pixels,
+                                                         pad_id=parts.tokenizer.pad_id), len(result))
+        else:
+            batch = steps.rollout_train_batch(result, adv, pixels, masked_pixels,
+                                              pad_id=parts.tokenizer.pad_id)
+        batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size)
+        fill_log_probs(parts, batch, cfg, pg)
+        update_metrics = _update(parts, batch, cfg, pg, step, cfg.loss)
+    seconds = time.perf_counter() - t0
+    out = reduce_step_metrics([{k: torch.tensor(v) for k, v in local.items()}], pg.dp)
+    if update_metrics:
+        n = len(update_metrics)
+        out.update({k: sum(m.get(k, 0.0) for m in update_metrics) / n for k in update_metrics[0]})
+    out.update(step_time=seconds, rollout_time=t_rollout,
+               tokens_per_s=generated * pg.dp_size / max(seconds, 1e-9), updates=float(len(update_metrics)))
+    if "sync_seconds" in sync:
+        out.update(weight_sync_time=sync["sync_seconds"], weight_sync_gb=sync["bytes"] / 2**30)
+    return out
+
+
+def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict[str, float]:
+    """One supervised warm-start step: cross-entropy on the correct answer in the reward's format."""
+    g = torch.Generator().manual_seed(steps.derive_seed(cfg.train.seed, step, 7))
+    per_rank = max(1, cfg.train.sft_batch_size // pg.dp_size)
+    pick = torch.randint(0, len(parts.sft_indices), (per_rank * pg.dp_size,), generator=g)
+    mine = pick[pg.dp_rank * per_rank:(pg.dp_rank + 1) * per_rank].tolist()
+    samples = [parts.dataset[parts.sft_indices[i]] for i in mine]
+    pixels = steps.prompt_pixels(parts.model_chunks[0], samples)
+    batch = steps.sft_train_batch(samples, pixels, parts.tokenizer)
+    batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size)
+    batch = pad_columns(batch, sequence_multiple(parts.ddp_chunks))
+    n_tok = global_token_count(batch.loss_mask, pg.dp)  # cp ranks hold the same rows
+    vocab = parts.tokenizer.vocab_size
+
+    def loss_fn(mb: dict, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        lp = vocab_parallel_log_probs(logits, mb["target"], pg.tp, vocab)
+        nll = -token_mean(lp, mb["loss_mask"], n_tok)
+        return nll, {"sft_nll": nll.detach()}
+
+    mbs = micro_batch_dicts(batch, cfg.train.micro_batch_size, cp_rank=pg.cp_rank, cp_size=pg.cp_size)
+    set_param_group_hparams(parts.optimizer, lr=cfg.train.sft_lr, weight_decay=cfg.train.weight_decay)
+    zero_grads(parts.ddp_chunks, parts.optimizer)
+    outs = run_microbatches(parts.ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,
+                            seq_length=batch.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                            loss_scale=global_mean_loss_scale(pg.dp_size, len(mbs)))
+    _, grad_norm, _ = optimizer_step(parts.optimizer)
+    out = share_from_last_stage(reduce_step_metrics(outs, pg.dp_cp, mode="sum") if outs else {}, pg)
+    out["grad_norm"] = grad_norm
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind."""
+
+    run_dir: Path
+    metrics_path: Path
+    checkpoint: Path | None
+    final_metrics: dict[str, float]
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _trainer_state(parts: Parts, cfg: PapoConfig, step: int, phase: str) -> dict[str, Any]:
+    return {"step": step, "phase": phase, "sampler": parts.sampler.state_dict(),
+            "lr_schedule": parts.lr_schedule.state_dict(), "config": to_dict(cfg)}
+
+
+def _save(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int, phase: str) -> Path | None:
+    if not cfg.checkpoint.dir:
+        return None
+    return save_checkpoint(cfg.checkpoint.dir, step, parts.ddp_chunks, parts.optimizer,
+                           _trainer_state(parts, cfg, step, phase), pg, keep_last=cfg.checkpoint.keep_last)
+
+
+def _ref_dir(cfg: PapoConfig) -> Path:
+    return Path(cfg.checkpoint.dir) / "reference"
+
+
+def _sync_reference(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, *, resumed: bool) -> None:
+    """The reference model = the policy when RL starts (after the warm start); kept on disk so a
+    resumed run uses the same one."""
+    if parts.ref_chunks is None:
+        return
+    if resumed and cfg.checkpoint.dir and (_ref_dir(cfg) / "latest").exists():
+        load_checkpoint(_ref_dir(cfg), parts.ref_chunks, None, pg, load_optimizer=False, load_rng=False)
+        return
+    for ref, pol in zip(parts.ref_chunks, parts.model_chunks, strict=True):
+        ref.load_state_dict(pol.state_dict())
+    if cfg.checkpoint.dir:
+        save_checkpoint(_ref_dir(cfg), 0, parts.ref_chunks, None, {"step": 0}, pg, keep_last=1)
+
+
+def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> TrainResult:
+    """Run the whole job: [resume] -> [SFT warm start] -> RL steps (+ checkpoints, eval) -> summary."""
+    parts = parts or build_parts(cfg, pg)
+    run_dir = Path(cfg.logging.dir)
+    start, phase = 0, "sft" if cfg.train.sft_warmup_steps > 0 else "rl"
+    state = None
+    if cfg.checkpoint.resume and Path(cfg.checkpoint.dir).exists():  # else: a first run, nothing yet
+        state = load_checkpoint(cfg.checkpoint.dir, parts.ddp_chunks, parts.optimizer, pg)
+        if state is not None:
+            start, phase = int(state["step"]), state["phase"]
+            parts.sampler.load_state_dict(state["sampler"])
+            parts.lr_schedule.load_state_dict(state["lr_schedule"])
+    if state is None and cfg.checkpoint.init_weights:  # a fresh run (nothing to resume yet)
+        init_weights(parts, cfg, pg)
+    logger = MetricsLogger(run_dir, enabled=is_rank_zero(), tensorboard=cfg.logging.tensorboard,
+                           resume=cfg.checkpoint.resume and start > 0)
+    sft_steps, total = cfg.train.sft_warmup_steps, cfg.train.sft_warmup_steps + cfg.train.steps
+    bar = ProgressBar(total, initial=start, enabled=is_rank_zero() and cfg.logging.progress_bar)
+    metrics: dict[str, float] = {}
+    ckpt = None
+    rl_started = False
+    for step in range(start, total):
+        if step < sft_steps:
+            metrics = sft_step(parts, cfg, pg, step)
+            metrics["phase_sft"] = 1.0
+        else:
+            if not rl_started:
+                _sync_reference(parts, cfg, pg, resumed=start > sft_steps)
+                parts.lr_schedule.apply(parts.optimizer)
+                rl_started = True
+            metrics = rl_step(parts, cfg, pg, step - sft_steps)
+        phase = "sft" if step + 1 < sft_steps else "rl"
+        if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == total:
+            logger.log(step + 1, metrics)
+        bar.update(metrics, keys=("reward/mean", "reward/accuracy", "kl_prcp", "sft_nll"))
+        interval = cfg.checkpoint.save_interval
+        if interval and (step + 1) % interval == 0 and step + 1 < total:
+            ckpt = _save(parts, cfg, pg, step + 1, phase)
+        ev = cfg.evaluation.interval
+        if ev > 0 and step >= sft_steps and (step + 1 - sft_steps) % ev == 0 and step + 1 < total:
+            logger.log(step + 1, evaluate(parts, cfg, pg))
+    bar.close()
+    if total > start:
+        ckpt = _save(parts, cfg, pg, total, phase) or ckpt
+    eval_metrics = evaluate(parts, cfg, pg) if cfg.evaluation.interval >= 0 else {}
+    if eval_metrics:
+        logger.log(total, eval_metrics)
+    logger.close()
+    return TrainResult(run_dir=run_dir, metrics_path=logger.path, checkpoint=ckpt,
+                       final_metrics=metrics, eval_metrics=eval_metrics)
+
