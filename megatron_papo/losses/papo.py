@@ -290,8 +290,12 @@ def papo_loss(logits: Tensor, target: Tensor, old_log_probs: Tensor, advantages:
               tp_group: torch.distributed.ProcessGroup | None = None, vocab_size: int | None = None,
               step: int = 0, num_tokens: Tensor | float | None = None,
               num_seqs: Tensor | float | None = None,
-              row_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              row_tokens: Tensor | None = None,
+              check_finite: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """PAPO objective from vocab-parallel logits (every mode), via ops.papo_token_stats.
+
+    ``check_finite`` validates the logits and targets in the ops (one host sync per call); the
+    trainer passes False and relies on its non-finite-update guard and a per-step target check.
 
     Args:
         logits: [B, L, V_local] this TP rank's vocabulary slice, original image, with gradient.
@@ -316,15 +320,16 @@ def papo_loss(logits: Tensor, target: Tensor, old_log_probs: Tensor, advantages:
                              f"{tuple(logits.shape)}")
         if not config.masked_grad:
             masked_logits = masked_logits.detach()
-        stats = papo_token_stats(logits, masked_logits, target, tp_group, vocab_size, impl=config.op_impl)
+        stats = papo_token_stats(logits, masked_logits, target, tp_group, vocab_size, impl=config.op_impl,
+                                 check_finite=check_finite)
         log_probs, masked_log_probs = stats.log_probs, stats.masked_log_probs
         full_kl, entropy, masked_entropy = stats.kl, stats.entropy, stats.masked_entropy
     else:
         if config.kl_prcp_mode == "full" and config.gamma > 0:
             raise ValueError("papo_loss: kl_prcp_mode='full' needs masked_logits")
-        log_probs = vocab_parallel_log_probs(logits, target, tp_group, vocab_size)
+        log_probs = vocab_parallel_log_probs(logits, target, tp_group, vocab_size, check_finite=check_finite)
         if config.entropy_mode == "full":
-            entropy = vocab_parallel_entropy(logits, tp_group, vocab_size)
+            entropy = vocab_parallel_entropy(logits, tp_group, vocab_size, check_finite=check_finite)
             if config.entropy_coef_mask > 0:
                 raise ValueError("papo_loss: entropy_mode='full' with entropy_coef_mask > 0 "
                                  "needs masked_logits")

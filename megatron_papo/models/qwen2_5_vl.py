@@ -255,6 +255,11 @@ class QwenImages:
     def __len__(self) -> int:
         return int(self.grid_thw.shape[0])
 
+    def to(self, device: torch.device | str) -> QwenImages:
+        """The patches on ``device``; the grids stay on the host (the vision tower's loops read
+        them as numbers)."""
+        return QwenImages(self.pixel_values.to(device, non_blocking=True), self.grid_thw)
+
     @classmethod
     def concat(cls, items: Sequence[QwenImages]) -> QwenImages:
         """Images of several batches, in order."""

@@ -7,6 +7,11 @@ t + 1, so every per-token tensor of the loss is "shifted":
     target[r, t]    = input_ids[r, t + 1]                 (pad at t = S - 1)
     loss_mask[r, t] = t + 1 is a response token of row r   (prompt and padding never count)
 
+The device boundary: a batch is built on the host (rollout results, pixels) and crosses to the
+model's device in one place, :meth:`TrainBatch.to` (called by the trainer right after the batch
+is built, ``to(model_device(chunks))``); everything derived from it (mini-batches, micro-batch
+dicts, loss fields, token counts) then stays there.
+
 Images travel per row: `pixel_values[r]` is that row's [n_img, C, H, W] tensor (the same object
 for the n rows of a group), `masked_pixel_values[r]` its patch-masked twin. Token ids, positions
 and image-token placeholders are identical in both branches (PAPO_SPEC.md "Masking").
@@ -55,6 +60,29 @@ class TrainBatch:
     extras: dict[str, Tensor] = field(default_factory=dict)
     """Anything else per row ([R, ...]) the caller wants sliced along with the batch."""
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """Every tensor of the batch (per-row images included) on ``device``: the one place a
+        training batch crosses from the host to the model's device."""
+        def move(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                return v.to(device, non_blocking=True)
+            return v.to(device) if hasattr(v, "to") else v  # a model's image container
+
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                out[f.name] = [None if x is None else move(x) for x in v]
+            elif isinstance(v, dict):
+                out[f.name] = {k: move(t) for k, t in v.items()}
+            else:
+                out[f.name] = None if v is None else move(v)
+        return TrainBatch(**out)
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
     @property
     def num_rows(self) -> int:
         return self.input_ids.shape[0]
@@ -65,19 +93,27 @@ class TrainBatch:
 
     def rows(self, index: Sequence[int] | Tensor) -> TrainBatch:
         """The sub-batch of the given row indices (tensors indexed, lists picked)."""
-        idx = torch.as_tensor(index, dtype=torch.long)
+        pick = index.tolist() if isinstance(index, Tensor) else list(index)
+        idx = torch.as_tensor(pick, dtype=torch.long, device=self.device)
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
                 out[f.name] = v[idx]
             elif isinstance(v, list):
-                out[f.name] = [v[i] for i in idx.tolist()]
+                out[f.name] = [v[i] for i in pick]
             elif isinstance(v, dict):
                 out[f.name] = {k: t[idx] for k, t in v.items()}
             else:
                 out[f.name] = v
         return TrainBatch(**out)
+
+
+def model_device(model_chunks: Sequence[torch.nn.Module]) -> torch.device:
+    """The device of a model's (first chunk's) parameters; CPU for a model without any."""
+    for param in model_chunks[0].parameters():
+        return param.device
+    return torch.device("cpu")
 
 
 def shift_for_next_token(input_ids: Tensor, response_start: int, response_mask: Tensor,
@@ -179,7 +215,8 @@ def micro_batch_dicts(batch: TrainBatch, micro_batch_size: int, *, masked_branch
         idx = list(range(start, start + micro_batch_size))
         mb = batch.rows(idx)
         d: dict[str, Tensor | None] = {
-            "rows": torch.tensor(idx), "input_ids": mb.input_ids, "position_ids": mb.position_ids,
+            "rows": torch.tensor(idx, device=batch.device), "input_ids": mb.input_ids,
+            "position_ids": mb.position_ids,
             "attention_mask": mb.attention_mask, "target": mb.target, "loss_mask": mb.loss_mask,
             "advantages": mb.advantages, "old_log_probs": mb.old_log_probs,
             "masked_log_probs": mb.masked_log_probs, "ref_log_probs": mb.ref_log_probs,

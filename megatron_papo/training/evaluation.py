@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron_papo.config import PapoConfig
 from megatron_papo.data.dataset import PromptDataset, build_prompt_dataset
 from megatron_papo.distributed import ProcessGroups
+from megatron_papo.ops.groups import collective_device
 from megatron_papo.rollout import SamplingParams
 from megatron_papo.training import steps
 from megatron_papo.training.parts import Parts
@@ -37,27 +38,29 @@ def evaluate(parts: Parts, cfg: PapoConfig, pg: ProcessGroups) -> dict[str, floa
                             max_new_tokens=cfg.rollout.max_new_tokens,
                             seed=steps.derive_seed(cfg.train.seed, 99))
     model = parts.model_chunks[0]
-    sums = torch.zeros(4, dtype=torch.float64)  # correct, correct_masked, format, rows
+    sums = [0.0, 0.0, 0.0, 0.0]  # correct, correct_masked, format, rows (host numbers: rewards are)
     chunk = max(1, cfg.rollout.prompts_per_step)
     steps.prepare_engine(parts.engine, parts.model_chunks, pg)  # vLLM: the current weights, awake
     for lo in range(0, len(mine), chunk):
         samples = [dataset[i] for i in mine[lo:lo + chunk]]
         res = steps.rollout(parts.engine, samples, steps.prompt_pixels(model, samples), params)
         rew = steps.score(res, samples, parts.tokenizer, cfg.reward)
-        sums[0] += rew.accuracy.double().sum()
-        sums[2] += rew.format.double().sum()
+        sums[0] += float(rew.accuracy.double().sum())
+        sums[2] += float(rew.format.double().sum())
         sums[3] += len(res)
         if ev.masked:
             masked = steps.masked_prompt_pixels(model, samples, cfg.masking, step=0)
             res_m = steps.rollout(parts.engine, samples, masked, params)
-            sums[1] += steps.score(res_m, samples, parts.tokenizer, cfg.reward).accuracy.double().sum()
+            sums[1] += float(steps.score(res_m, samples, parts.tokenizer, cfg.reward).accuracy.double().sum())
     parts.engine.release()
     if pg.dp_size > 1:
-        dist.all_reduce(sums, group=pg.dp)
-    rows = max(sums[3].item(), 1.0)
-    out = {f"eval/accuracy@{ev.k}": sums[0].item() / rows, "eval/format": sums[2].item() / rows,
+        totals = torch.tensor(sums, dtype=torch.float64, device=collective_device(pg.dp))
+        dist.all_reduce(totals, group=pg.dp)
+        sums = totals.tolist()
+    rows = max(sums[3], 1.0)
+    out = {f"eval/accuracy@{ev.k}": sums[0] / rows, "eval/format": sums[2] / rows,
            "eval/prompts": float(total)}
     if ev.masked:
-        out[f"eval/accuracy_masked@{ev.k}"] = sums[1].item() / rows
-        out["eval/masked_gap"] = (sums[0].item() - sums[1].item()) / rows
+        out[f"eval/accuracy_masked@{ev.k}"] = sums[1] / rows
+        out["eval/masked_gap"] = (sums[0] - sums[1]) / rows
     return out

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_papo.ops.groups import collective_device
+
 # Metrics that are maxima / minima across micro-batches and ranks; everything else is a
 # token-weighted mean (weight = the micro-batch's "num_tokens" entry when present).
 _MAX_KEYS = ("ratio_max",)
@@ -48,11 +50,12 @@ def reduce_step_metrics(per_micro_batch: Sequence[Mapping[str, Tensor]],
     keys = sorted(per_micro_batch[0])
     const = {k: float(per_micro_batch[0][k]) for k in keys if k in _CONST_KEYS}
     keys = [k for k in keys if k not in _CONST_KEYS]
-    weights = torch.stack([m["num_tokens"].float() if "num_tokens" in m else torch.ones(())
-                           for m in per_micro_batch])
+    device = collective_device(group)  # one host->device (or device->host) move, then one reduction
+    weights = torch.stack([m["num_tokens"].float().to(device) if "num_tokens" in m
+                           else torch.ones((), device=device) for m in per_micro_batch])
     sums, maxes, mins = [], [], []
     for k in keys:
-        vals = torch.stack([m[k].float().reshape(()) for m in per_micro_batch])
+        vals = torch.stack([m[k].float().reshape(()).to(device) for m in per_micro_batch])
         if k in _MAX_KEYS:
             maxes.append(vals.max())
         elif k in _MIN_KEYS:

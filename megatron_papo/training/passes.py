@@ -51,7 +51,7 @@ def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch
     cp_rank, cp_size = rank_and_size(cp_group)
 
     def loss_fn(mb: Mapping[str, Any], logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        lp = vocab_parallel_log_probs(logits, mb["target"], tp_group, vocab_size)
+        lp = vocab_parallel_log_probs(logits, mb["target"], tp_group, vocab_size, check_finite=False)
         return logits.new_zeros(()), {"log_probs": gather_from_context_parallel(lp, cp_group, dim=1)}
 
     padded = pad_columns(batch, sequence_multiple(model_chunks))
@@ -102,7 +102,8 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
                          config=loss_config, masked_logits=masked_logits,
                          masked_log_probs=mb["masked_log_probs"], ref_log_probs=mb["ref_log_probs"],
                          tp_group=pg.tp, vocab_size=vocab_size, step=step, num_tokens=num_tokens,
-                         num_seqs=num_seqs, row_tokens=mb["row_tokens"] if pg.cp_size > 1 else None)
+                         num_seqs=num_seqs, row_tokens=mb["row_tokens"] if pg.cp_size > 1 else None,
+                         check_finite=False)
 
     zero_grads(list(ddp_chunks), optimizer)
     outs = run_microbatches(ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,

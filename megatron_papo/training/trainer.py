@@ -23,12 +23,14 @@ from megatron_papo.config import PapoConfig, to_dict
 from megatron_papo.distributed import ProcessGroups, is_rank_zero
 from megatron_papo.losses import PapoLossConfig, token_mean
 from megatron_papo.ops import global_token_count, vocab_parallel_log_probs
+from megatron_papo.ops.groups import collective_device
 from megatron_papo.rollout import SamplingParams
 from megatron_papo.training import steps
 from megatron_papo.training.batch import (
     TrainBatch,
     inert_rows,
     micro_batch_dicts,
+    model_device,
     pad_columns,
     pad_rows_to_multiple,
 )
@@ -65,7 +67,7 @@ def fill_log_probs(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: Process
 
 
 def _all_reduce_int(value: int, group: dist.ProcessGroup | None, op: dist.ReduceOp) -> int:
-    t = torch.tensor(value, dtype=torch.int64)
+    t = torch.tensor(value, dtype=torch.int64, device=collective_device(group))
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
     return int(t.item())
@@ -131,7 +133,7 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
         else:
             batch = steps.rollout_train_batch(result, adv, pixels, masked_pixels,
                                               pad_id=parts.tokenizer.pad_id)
-        batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size)
+        batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size).to(model_device(parts.model_chunks))
         fill_log_probs(parts, batch, cfg, pg)
         update_metrics = _update(parts, batch, cfg, pg, step, cfg.loss)
     seconds = time.perf_counter() - t0
@@ -155,13 +157,13 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
     samples = [parts.dataset[parts.sft_indices[i]] for i in mine]
     pixels = steps.prompt_pixels(parts.model_chunks[0], samples)
     batch = steps.sft_train_batch(samples, pixels, parts.tokenizer)
-    batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size)
+    batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size).to(model_device(parts.model_chunks))
     batch = pad_columns(batch, sequence_multiple(parts.ddp_chunks))
     n_tok = global_token_count(batch.loss_mask, pg.dp)  # cp ranks hold the same rows
     vocab = parts.tokenizer.vocab_size
 
     def loss_fn(mb: dict, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        lp = vocab_parallel_log_probs(logits, mb["target"], pg.tp, vocab)
+        lp = vocab_parallel_log_probs(logits, mb["target"], pg.tp, vocab, check_finite=False)
         nll = -token_mean(lp, mb["loss_mask"], n_tok)
         return nll, {"sft_nll": nll.detach()}
 
