@@ -240,6 +240,10 @@ class TrainConfig:
     """Learning rate of the warm-start steps."""
     sft_prompts: int = 2000
     """Training prompts reserved for the warm start (the first N of the shuffled set; RL uses the rest)."""
+    max_consecutive_nonfinite: int = 3
+    """Steps in a row whose update had a non-finite gradient norm or loss (each skipped: grads
+    zeroed, no optimizer step, no lr advance) after which the run stops with an error, before
+    any checkpoint is written; >= 1."""
 
 
 @dataclass
@@ -616,7 +620,7 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
     if tr.micro_batch_size < 1 or (tr.update_prompts * ro.n) % tr.micro_batch_size:
         raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size} must divide the responses per "
                           f"update, train.update_prompts*rollout.n = {tr.update_prompts * ro.n}")
-    for name in ("steps", "epochs_per_step"):
+    for name in ("steps", "epochs_per_step", "max_consecutive_nonfinite"):
         if getattr(tr, name) < 1:
             raise ConfigError(f"train.{name}: expected >= 1, got {getattr(tr, name)}")
     if tr.lr <= 0:

@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_papo.plotting import plot_training  # heavy (megatron-core): after the CLI
     from megatron_papo.training.checkpointing import save_checkpoint  # heavy (megatron-core): after the CLI
     from megatron_papo.training.metrics import read_metrics, summarize  # heavy (megatron-core): after the CLI
+    from megatron_papo.training.optim import NonFiniteTrainingError  # heavy (megatron-core): after the CLI
     from megatron_papo.training.parts import build_parts  # heavy (megatron-core): after the CLI
     from megatron_papo.training.trainer import train  # heavy (megatron-core): after the CLI
 
@@ -64,7 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if is_rank_zero():
         Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.logging.dir) / "config.yaml")
-    result = train(cfg, pg)
+    try:
+        result = train(cfg, pg)
+    except NonFiniteTrainingError as e:  # the run's own verdict, not a crash: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        destroy_distributed()
+        return 1
     if is_rank_zero():
         rows = read_metrics(result.metrics_path) if result.metrics_path.exists() else []
         rl_rows = [r for r in rows if "reward/mean" in r]

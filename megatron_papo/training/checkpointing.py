@@ -37,9 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_papo.compat import mcore_compat
 from megatron_papo.distributed import ProcessGroups, barrier
+from megatron_papo.ops.groups import collective_device
 
 __all__ = [
     "CheckpointError",
@@ -315,6 +317,18 @@ def _prune(root: Path, keep_last: int, keep: Path) -> list[Path]:
     return removed
 
 
+def _check_finite_parameters(model_chunks: list[torch.nn.Module], pg: ProcessGroups, step: int) -> None:
+    """CheckpointError on every rank if any rank holds a non-finite parameter (one all-reduce)."""
+    flags = [torch.isfinite(p).all() for chunk in model_chunks for p in chunk.parameters()]
+    ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+    ok = ok.to(device=collective_device(pg.world), dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size(pg.world) > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=pg.world)
+    if not bool(ok):
+        raise CheckpointError(f"step {step}: the model holds non-finite parameters; no checkpoint is written "
+                              "(the newest checkpoint on disk is the last finite one)")
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, model_chunks: list[torch.nn.Module],
                     optimizer: Any | None, trainer_state: dict[str, Any], pg: ProcessGroups, *,
                     keep_last: int) -> Path:
@@ -331,6 +345,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model_chunks: list[torch
         keep_last: keep the newest ``keep_last`` checkpoints (the one just written always
             stays); ``<= 0`` keeps all.
     """
+    _check_finite_parameters(model_chunks, pg, step)
     root = Path(root)
     final = checkpoint_path(root, step)
     tmp = root / f"{TMP_PREFIX}{final.name}"

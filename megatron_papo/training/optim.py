@@ -24,6 +24,7 @@ each group's ``weight_decay = train.weight_decay * wd_mult`` (and ``lr = lr * lr
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -219,13 +220,52 @@ def finish_grad_sync(ddp_chunks: list[Any]) -> None:
         chunk.finish_grad_sync()
 
 
-def optimizer_step(optimizer: Any) -> tuple[bool, float, int | None]:
-    """One optimizer update (grad-norm clip included).
+class NonFiniteTrainingError(RuntimeError):
+    """Too many updates in a row had a non-finite gradient norm or loss
+    (``train.max_consecutive_nonfinite``)."""
+
+
+def _clip_by_total_norm(optimizer: Any, max_norm: float, total_norm: float) -> None:
+    """Scale every main gradient by min(1, max_norm / total_norm) (megatron-core's clip, given
+    the global norm already computed, so it is not computed twice)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32  # after compat's shims
+
+    accepts_decoupled = "use_decoupled_grad" in inspect.signature(clip_grad_by_total_norm_fp32).parameters
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(opt, "is_stub_optimizer", False):
+            continue
+        params = opt.get_parameters()
+        if not params:
+            continue
+        kwargs = {}
+        if accepts_decoupled:
+            kwargs["use_decoupled_grad"] = bool(getattr(
+                opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False))
+        clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=total_norm, **kwargs)
+
+
+def optimizer_step(optimizer: Any, *, loss_finite: bool = True) -> tuple[bool, float, int | None]:
+    """One optimizer update (grad-norm clip included) that never applies a non-finite gradient.
+
+    megatron-core checks inf/NaN only when a loss scaler exists (fp16), and clipping by a NaN
+    norm is a no-op, so with bf16/fp32 a NaN gradient would reach the weights and the Adam
+    moments. Here the global gradient norm (the same number on every rank: it is reduced over
+    the model- and data-parallel grad-stats group) decides: when it, or the loss
+    (``loss_finite``, also the same on every rank), is not finite, the main gradients are zeroed
+    and nothing is stepped.
 
     Returns ``(update_successful, grad_norm, num_zeros_in_grad)``; ``grad_norm`` is the global
-    norm before clipping (NaN when the step was skipped for inf/NaN gradients), ``num_zeros``
-    is None unless ``log_num_zeros_in_grad`` is configured.
+    norm before clipping (inf/NaN when the update was skipped for a non-finite gradient),
+    ``num_zeros`` is None unless ``log_num_zeros_in_grad`` is configured.
     """
-    update_successful, grad_norm, num_zeros = optimizer.step()
-    grad_norm = math.nan if grad_norm is None else float(grad_norm)
-    return bool(update_successful), grad_norm, num_zeros
+    found_inf = bool(optimizer.prepare_grads())  # fp16: unscale + megatron-core's own inf check
+    norm = optimizer.get_grad_norm()
+    grad_norm = math.nan if norm is None else float(norm)
+    if found_inf or not math.isfinite(grad_norm) or not loss_finite:
+        optimizer.zero_grad()
+        return False, grad_norm, None
+    clip = float(optimizer.config.clip_grad)
+    if clip > 0:
+        _clip_by_total_norm(optimizer, clip, grad_norm)
+    num_zeros = optimizer.count_zeros() if optimizer.config.log_num_zeros_in_grad else None
+    return bool(optimizer.step_with_ready_grads()), grad_norm, num_zeros

@@ -7,6 +7,7 @@ only stage that computes the loss.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -110,8 +111,11 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
                             seq_length=batch.seq_length,
                             micro_batch_size=micro_batch_size * (2 if both else 1),
                             loss_scale=global_mean_loss_scale(pg.dp_size, len(mbs)))
-    ok, grad_norm, _ = optimizer_step(optimizer)
+    # the loss is known (and the same) on every rank before the step: it joins the finiteness check
     metrics = reduce_step_metrics(outs, pg.dp_cp, mode="sum") if outs else {}
     metrics = share_from_last_stage(metrics, pg)
+    ok, grad_norm, _ = optimizer_step(optimizer, loss_finite=math.isfinite(metrics.get("loss", 0.0)))
+    if not ok:
+        zero_grads(list(ddp_chunks), optimizer)  # nothing of a skipped update stays in the buffers
     metrics.update(grad_norm=float(grad_norm), update_skipped=float(not ok))
     return metrics

@@ -10,6 +10,8 @@ micro-batched PAPO update(s) through megatron-core's schedule -> metrics.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,12 @@ from megatron_papo.training.batch import (
 from megatron_papo.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_papo.training.evaluation import evaluate
 from megatron_papo.training.metrics import MetricsLogger, ProgressBar, reduce_step_metrics
-from megatron_papo.training.optim import optimizer_step, set_param_group_hparams, zero_grads
+from megatron_papo.training.optim import (
+    NonFiniteTrainingError,
+    optimizer_step,
+    set_param_group_hparams,
+    zero_grads,
+)
 from megatron_papo.training.parts import Parts, build_parts, init_weights
 from megatron_papo.training.passes import (
     compute_log_probs,
@@ -141,6 +148,7 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
     if update_metrics:
         n = len(update_metrics)
         out.update({k: sum(m.get(k, 0.0) for m in update_metrics) / n for k in update_metrics[0]})
+        out["update_skipped"] = sum(m.get("update_skipped", 0.0) for m in update_metrics)  # a count
     out.update(step_time=seconds, rollout_time=t_rollout,
                tokens_per_s=generated * pg.dp_size / max(seconds, 1e-9), updates=float(len(update_metrics)))
     if "sync_seconds" in sync:
@@ -173,13 +181,43 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
     outs = run_microbatches(parts.ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,
                             seq_length=batch.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                             loss_scale=global_mean_loss_scale(pg.dp_size, len(mbs)))
-    _, grad_norm, _ = optimizer_step(parts.optimizer)
     out = share_from_last_stage(reduce_step_metrics(outs, pg.dp_cp, mode="sum") if outs else {}, pg)
-    out["grad_norm"] = grad_norm
+    ok, grad_norm, _ = optimizer_step(parts.optimizer, loss_finite=math.isfinite(out.get("sft_nll", 0.0)))
+    if not ok:
+        zero_grads(parts.ddp_chunks, parts.optimizer)
+    out.update(grad_norm=grad_norm, update_skipped=float(not ok))
     return out
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+_log = logging.getLogger("megatron_papo.trainer")
+
+
+class _NonFiniteCounter:
+    """Steps whose update was skipped for a non-finite gradient norm or loss: the total goes into
+    the metrics (``nonfinite_grad_steps``); ``limit`` in a row ends the run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.total, self.in_a_row = limit, 0, 0
+
+    def update(self, step: int, metrics: dict[str, float]) -> str | None:
+        """Count step ``step`` (1-based); the stop message once ``limit`` in a row, else None."""
+        if metrics.get("update_skipped", 0.0) > 0:
+            self.total += 1
+            self.in_a_row += 1
+            _log.warning("step %d: non-finite gradient norm or loss (grad_norm=%s): update skipped "
+                         "(gradients zeroed, no optimizer step, lr schedule not advanced); %d in a row",
+                         step, metrics.get("grad_norm"), self.in_a_row)
+        else:
+            self.in_a_row = 0
+        metrics["nonfinite_grad_steps"] = float(self.total)
+        if self.in_a_row >= self.limit:
+            return (f"step {step}: {self.in_a_row} steps in a row had a non-finite gradient norm or loss "
+                    f"(train.max_consecutive_nonfinite={self.limit}); stopping before writing a checkpoint. "
+                    "Lower train.lr / train.sft_lr, check the data, or resume from the last checkpoint")
+        return None
 
 
 @dataclass
@@ -244,6 +282,7 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
     metrics: dict[str, float] = {}
     ckpt = None
     rl_started = False
+    nonfinite = _NonFiniteCounter(cfg.train.max_consecutive_nonfinite)
     for step in range(start, total):
         if step < sft_steps:
             metrics = sft_step(parts, cfg, pg, step)
@@ -255,8 +294,12 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
                 rl_started = True
             metrics = rl_step(parts, cfg, pg, step - sft_steps)
         phase = "sft" if step + 1 < sft_steps else "rl"
-        if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == total:
+        stop = nonfinite.update(step + 1, metrics)  # counts into metrics; checked after logging them
+        if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == total or stop:
             logger.log(step + 1, metrics)
+        if stop:  # before any checkpoint of this step: the last one written stays the newest
+            logger.close()
+            raise NonFiniteTrainingError(stop)
         bar.update(metrics, keys=("reward/mean", "reward/accuracy", "kl_prcp", "sft_nll"))
         interval = cfg.checkpoint.save_interval
         if interval and (step + 1) % interval == 0 and step + 1 < total:
