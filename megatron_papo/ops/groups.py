@@ -12,7 +12,7 @@ def collective_device(group: dist.ProcessGroup | None) -> torch.device:
     """Where a tensor must live to cross ``group``: the current CUDA device for an NCCL group,
     the CPU otherwise (gloo, or no process group). NCCL rejects CPU tensors; gloo takes both."""
     if group is not None and dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return torch.device("cpu")
 
 

@@ -319,7 +319,7 @@ def _prune(root: Path, keep_last: int, keep: Path) -> list[Path]:
 
 def _check_finite_parameters(model_chunks: list[torch.nn.Module], pg: ProcessGroups, step: int) -> None:
     """CheckpointError on every rank if any rank holds a non-finite parameter (one all-reduce)."""
-    flags = [torch.isfinite(p).all() for chunk in model_chunks for p in chunk.parameters()]
+    flags = [torch.isfinite(p.detach()).all() for chunk in model_chunks for p in chunk.parameters()]
     ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
     ok = ok.to(device=collective_device(pg.world), dtype=torch.int32)
     if dist.is_initialized() and dist.get_world_size(pg.world) > 1:

@@ -24,7 +24,7 @@ from megatron_papo.data.tokenizer import Tokenizer
 from megatron_papo.masking import MaskingConfig, mask_group_images
 from megatron_papo.rewards import RewardConfig, RewardResult, compute_rewards
 from megatron_papo.rollout import RolloutEngine, RolloutRequest, RolloutResult, SamplingParams
-from megatron_papo.training.batch import TrainBatch, build_train_batch
+from megatron_papo.training.batch import TrainBatch, build_train_batch, inert_rows, pad_rows_to_multiple
 
 SFT_RESPONSE = "<think> </think> \\boxed{{{answer}}}"
 """Target of the supervised warm start: the format the reward expects, with the right answer."""
@@ -115,6 +115,33 @@ def rollout_train_batch(result: RolloutResult, adv: Advantages, pixels: Sequence
     return build_train_batch(padded.input_ids[rows], padded.attention_mask[rows], padded.prompt_ids.shape[1],
                              padded.response_mask[rows], adv.advantages, row_pixels, row_masked,
                              pad_id=pad_id)
+
+
+def update_batch(result: RolloutResult, adv: Advantages, pixels: Sequence[Tensor | None],
+                 masked_pixels: Sequence[Tensor | None], *, pad_id: int, micro_batch_size: int,
+                 device: torch.device | str) -> TrainBatch:
+    """The batch one RL step trains on, on the model's ``device`` (the RL path's device boundary).
+
+    The kept rows (``rollout_train_batch``), or, on a data-parallel replica whose groups the DAPO
+    filter all dropped while another replica kept some, every row made inert (no loss, no
+    gradient: it takes part in the collectives only); padded with inert rows to whole
+    micro-batches, then moved to ``device`` in one go.
+    """
+    if adv.kept_rows.numel() == 0:
+        everything = Advantages(advantages=torch.zeros(len(result)), kept_rows=torch.arange(len(result)),
+                                metrics=adv.metrics)
+        batch = inert_rows(rollout_train_batch(result, everything, pixels, masked_pixels, pad_id=pad_id),
+                           len(result))
+    else:
+        batch = rollout_train_batch(result, adv, pixels, masked_pixels, pad_id=pad_id)
+    return pad_rows_to_multiple(batch, micro_batch_size).to(device)
+
+
+def sft_update_batch(samples: Sequence[Sample], pixels: Sequence[Tensor | None], tokenizer: Tokenizer, *,
+                     micro_batch_size: int, device: torch.device | str) -> TrainBatch:
+    """The warm-start batch (``sft_train_batch``) padded to whole micro-batches, on ``device``
+    (the SFT path's device boundary)."""
+    return pad_rows_to_multiple(sft_train_batch(samples, pixels, tokenizer), micro_batch_size).to(device)
 
 
 def sft_train_batch(samples: Sequence[Sample], pixels: Sequence[Tensor | None],

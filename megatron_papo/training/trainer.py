@@ -132,15 +132,9 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
     generated = float(result.metrics.get("generated_tokens", 0.0))
     if kept_anywhere > 0:
         masked_pixels = steps.masked_prompt_pixels(model, samples, cfg.masking, step)
-        if adv.kept_rows.numel() == 0:
-            adv = steps.Advantages(advantages=torch.zeros(len(result)), kept_rows=torch.arange(len(result)),
-                                   metrics=adv.metrics)
-            batch = inert_rows(steps.rollout_train_batch(result, adv, pixels, masked_pixels,
-                                                         pad_id=parts.tokenizer.pad_id), len(result))
-        else:
-            batch = steps.rollout_train_batch(result, adv, pixels, masked_pixels,
-                                              pad_id=parts.tokenizer.pad_id)
-        batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size).to(model_device(parts.model_chunks))
+        batch = steps.update_batch(result, adv, pixels, masked_pixels, pad_id=parts.tokenizer.pad_id,
+                                   micro_batch_size=cfg.train.micro_batch_size,
+                                   device=model_device(parts.model_chunks))
         fill_log_probs(parts, batch, cfg, pg)
         update_metrics = _update(parts, batch, cfg, pg, step, cfg.loss)
     seconds = time.perf_counter() - t0
@@ -164,8 +158,9 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
     mine = pick[pg.dp_rank * per_rank:(pg.dp_rank + 1) * per_rank].tolist()
     samples = [parts.dataset[parts.sft_indices[i]] for i in mine]
     pixels = steps.prompt_pixels(parts.model_chunks[0], samples)
-    batch = steps.sft_train_batch(samples, pixels, parts.tokenizer)
-    batch = pad_rows_to_multiple(batch, cfg.train.micro_batch_size).to(model_device(parts.model_chunks))
+    batch = steps.sft_update_batch(samples, pixels, parts.tokenizer,
+                                   micro_batch_size=cfg.train.micro_batch_size,
+                                   device=model_device(parts.model_chunks))
     batch = pad_columns(batch, sequence_multiple(parts.ddp_chunks))
     n_tok = global_token_count(batch.loss_mask, pg.dp)  # cp ranks hold the same rows
     vocab = parts.tokenizer.vocab_size
