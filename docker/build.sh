@@ -8,4 +8,4 @@ while IFS='=' read -r key value; do
   [[ -z ${key} || ${key} == \#* ]] && continue
   args+=(--build-arg "${key}=${value}")
 done < docker/versions.env
-exec docker build "${args[@]}" -f docker/Dockerfile -t "${1:-megatron_papo:local}" .
+exec docker build "${args[@]}" -f Dockerfile -t "${1:-megatron_papo:local}" .

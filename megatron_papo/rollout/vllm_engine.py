@@ -64,7 +64,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from megatron_papo.compat.optional_deps import require
+from megatron_papo.compat.optional_deps import MissingDependencyError, require
 from megatron_papo.models.hf_qwen2_5_vl import iter_hf_buckets
 from megatron_papo.rollout.base import RolloutRequest, RolloutResult, SamplingParams
 from megatron_papo.rollout.vllm_io import (  # the pure conversions, re-exported here
@@ -89,6 +89,10 @@ __all__ = [
     "sampling_kwargs",
     "sync_weights",
 ]
+
+VLLM_MIN_VERSION = (0, 11, 0)
+"""The oldest vLLM this engine supports (both log-prob modes mean what the trainer expects);
+setup.py's ``[gpu]`` extra and docker/versions.env must agree with it (tests/unit/test_launch_lint.py)."""
 
 PROCESSED_LOGPROBS_SINCE = (0, 11, 0)
 """vLLM version from which ``logprobs_mode="processed_logprobs"`` means after temperature and
@@ -141,8 +145,12 @@ class VLLMBackend:
                  logprobs_mode: LogprobsMode = "raw_logprobs") -> None:
         require("vllm")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process (SPMD)
-        import vllm
+        import vllm  # optional, GPU only
 
+        if version_tuple(vllm.__version__) < VLLM_MIN_VERSION:
+            least = ".".join(map(str, VLLM_MIN_VERSION))
+            raise MissingDependencyError(f"vLLM {vllm.__version__} is older than this engine supports "
+                                         f"({least}); pip install -U 'vllm>={least}'")
         self._vllm = vllm
         self.llm = vllm.LLM(**self.llm_kwargs(
             hf_path, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,

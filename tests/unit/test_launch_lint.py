@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted([*ROOT.glob("examples/launch/*.sh"), *ROOT.glob("examples/launch/*.sbatch"),
                   *ROOT.glob("docker/*.sh")])
-DOCKERFILE = ROOT / "docker" / "Dockerfile"
+DOCKERFILE = ROOT / "Dockerfile"  # at the root: docker/build.sh builds it
 VERSIONS = ROOT / "docker" / "versions.env"
 
 
@@ -95,3 +95,33 @@ def test_versions_env_matches_setup_bounds():
     setup = (ROOT / "setup.py").read_text()
     bound = re.search(r'"megatron-core([^"]+)"', setup).group(1)
     assert _versions()["MEGATRON_CORE_VERSION"] in SpecifierSet(bound)
+
+
+def _gpu_extra_spec(name: str) -> str:
+    setup = (ROOT / "setup.py").read_text()
+    gpu = re.search(r'"gpu":\s*\[(.*)\],\s*$', setup, flags=re.M).group(1)
+    return re.search(rf'"{name}([^"]*)"', gpu).group(1)
+
+
+def test_the_three_vllm_versions_agree():
+    """setup.py [gpu], docker/versions.env and the engine's own minimum: the pinned release lies in
+    the extra's range, at or above the engine's minimum, and the range admits nothing older than it.
+    (c990e1f pinned 0.9.2 under ``vllm>=0.10`` with an engine that needs 0.11.)"""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    from megatron_papo.rollout.vllm_engine import VLLM_MIN_VERSION
+
+    spec = SpecifierSet(_gpu_extra_spec("vllm"))
+    pinned = Version(_versions()["VLLM_VERSION"])
+    minimum = Version(".".join(map(str, VLLM_MIN_VERSION)))
+    assert pinned in spec, f"docker/versions.env VLLM_VERSION={pinned} is outside setup.py [gpu] vllm{spec}"
+    assert pinned >= minimum, f"VLLM_VERSION={pinned} is older than the engine's minimum {minimum}"
+    below = Version(f"{minimum.major}.{minimum.minor - 1}.99") if minimum.minor else Version("0")
+    assert below not in spec, f"setup.py [gpu] vllm{spec} admits {below}, older than the engine's {minimum}"
+    assert minimum in spec
+
+
+def test_dockerfile_is_at_the_root_and_build_sh_builds_it():
+    assert DOCKERFILE.is_file() and not (ROOT / "docker" / "Dockerfile").exists()
+    assert "-f Dockerfile" in (ROOT / "docker" / "build.sh").read_text()

@@ -1,5 +1,6 @@
 # GPU image: NGC PyTorch (CUDA, torch, Transformer Engine, NVIDIA apex) + vLLM + megatron_papo.
 # Build with docker/build.sh (it passes the versions from docker/versions.env; no defaults here).
+# At the repository root so that `docker build .` finds it; the build context is the repository.
 ARG NGC_PYTORCH_TAG
 FROM nvcr.io/nvidia/pytorch:${NGC_PYTORCH_TAG}
 
@@ -18,6 +19,7 @@ COPY docker/vllm_requirements.py /tmp/vllm_requirements.py
 RUN pip install --no-deps "vllm==${VLLM_VERSION}" \
  && python /tmp/vllm_requirements.py > /tmp/vllm-reqs.txt \
  && pip install -r /tmp/vllm-reqs.txt \
+ && python /tmp/vllm_requirements.py --check-torch \
  && python -c "import torch, vllm, vllm._C, transformer_engine.pytorch, apex.optimizers; print(torch.__version__, vllm.__version__)"
 
 WORKDIR /workspace/megatron_papo
