@@ -278,7 +278,10 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
     ckpt = None
     rl_started = False
     nonfinite = _NonFiniteCounter(cfg.train.max_consecutive_nonfinite)
+    on_cuda = torch.cuda.is_available()
     for step in range(start, total):
+        if on_cuda:  # peak memory of each step (host-side counters: no device sync)
+            torch.cuda.reset_peak_memory_stats()
         if step < sft_steps:
             metrics = sft_step(parts, cfg, pg, step)
             metrics["phase_sft"] = 1.0
@@ -288,6 +291,8 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
                 parts.lr_schedule.apply(parts.optimizer)
                 rl_started = True
             metrics = rl_step(parts, cfg, pg, step - sft_steps)
+        if on_cuda:
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         phase = "sft" if step + 1 < sft_steps else "rl"
         stop = nonfinite.update(step + 1, metrics)  # counts into metrics; checked after logging them
         if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == total or stop:

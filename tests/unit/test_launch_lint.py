@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted([*ROOT.glob("examples/launch/*.sh"), *ROOT.glob("examples/launch/*.sbatch"),
-                  *ROOT.glob("docker/*.sh")])
+                  *ROOT.glob("docker/*.sh"), *ROOT.glob("tools/*.sh")])
 DOCKERFILE = ROOT / "Dockerfile"  # at the root: docker/build.sh builds it
 VERSIONS = ROOT / "docker" / "versions.env"
 
