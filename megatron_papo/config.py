@@ -163,6 +163,16 @@ class RolloutConfig:
     """Response length limit."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings (the tokenizer's end-of-sequence always stops)."""
+    kv_cache: bool = True
+    """megatron engine: decode with a KV cache (megatron-core's inference context; each prompt
+    prefilled once, then one token-forward per new token). False = recompute the whole sequence
+    every step (the reference path). Layouts that cannot cache (context or sequence parallel,
+    Transformer Engine specs) recompute whatever this says."""
+    max_batch_size: int | None = None
+    """megatron engine: rows (prompts x n) decoded together; None = the whole rollout at once."""
+    kv_cache_gb: float = 0.0
+    """megatron engine: cap the rows decoded together so their KV cache (rows x (longest prompt +
+    max_new_tokens) x layers x 2 x kv heads x head dim x dtype) fits in this many GiB; 0 = no cap."""
     gpu_memory_utilization: float = 0.5
     """vLLM only: share of GPU memory for weights + KV cache while generating."""
     vllm_max_model_len: int | None = None
@@ -602,6 +612,12 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
         if world_size % mp:
             raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = "
                               f"{par.tp}*{par.pp}*{par.cp} = {mp}")
+    if ro.max_batch_size is not None and ro.max_batch_size < 1:
+        raise ConfigError(f"rollout.max_batch_size: expected >= 1 or null (all rows at once), "
+                          f"got {ro.max_batch_size}")
+    if not (ro.kv_cache_gb >= 0 and ro.kv_cache_gb < float("inf")):
+        raise ConfigError(f"rollout.kv_cache_gb: expected a finite number >= 0 (0 = no cap), "
+                          f"got {ro.kv_cache_gb}")
     for name in ("n", "prompts_per_step", "max_new_tokens"):
         if getattr(ro, name) < 1:
             raise ConfigError(f"rollout.{name}: expected >= 1, got {getattr(ro, name)}")

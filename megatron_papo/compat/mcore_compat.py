@@ -19,6 +19,10 @@ Three jobs, each small:
    (``>=0.16.1,<0.20``; see docs/VERSIONS.md): :data:`MCORE_VERSION` and one tiny adapter per
    API difference that the project meets, in :mod:`megatron_papo.compat.mcore_versions`.
 
+4. **Whole sequences on a model built for context parallelism** (:func:`rotary_tables_unsharded`):
+   cached generation runs unsharded on every cp rank, and megatron-core's rotary embeddings would
+   otherwise keep only their rank's zigzag rows of the table.
+
 Plus dependency probes for the optional GPU stack (:func:`have_transformer_engine`, ...,
 :func:`require`), in :mod:`megatron_papo.compat.optional_deps`.
 
@@ -36,7 +40,7 @@ import os
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from megatron_papo.compat.mcore_versions import (
@@ -490,3 +494,31 @@ def revert_cpu_patches() -> None:
         else:
             setattr(owner, name, original)
     _APPLIED.clear()
+
+
+@contextlib.contextmanager
+def rotary_tables_unsharded(module: Any) -> Iterator[None]:
+    """Inside, megatron-core's rotary embeddings under ``module`` build the table of the whole
+    sequence, though the model was built for context parallelism.
+
+    ``RotaryEmbedding.forward`` and ``MultimodalRotaryEmbedding.forward`` keep only this cp rank's
+    zigzag rows of the table (``get_pos_emb_on_this_cp_rank``) when their ``cp_group`` attribute
+    has more than one rank and no group is passed in; ``GPTModel`` passes none for padded (not
+    packed) batches. Cached generation runs whole sequences on every cp rank
+    (:func:`megatron_papo.models.base.whole_sequences`), so the attribute is None for the
+    duration (no slicing) and restored after, also on error. Only instance attributes change.
+    """
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+        MultimodalRotaryEmbedding,
+        RotaryEmbedding,
+    )
+
+    saved = [(m, m.cp_group) for m in module.modules()
+             if isinstance(m, (RotaryEmbedding, MultimodalRotaryEmbedding))]
+    try:
+        for m, _ in saved:
+            m.cp_group = None
+        yield
+    finally:
+        for m, group in saved:
+            m.cp_group = group

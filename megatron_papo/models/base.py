@@ -21,8 +21,9 @@ and image preprocessing (:func:`images_to_tensor`).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -33,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_papo.compat import mcore_compat
+from megatron_papo.models.cp_attention import AllGatherContextParallelAttention
 from megatron_papo.ops.context_parallel import zigzag_split
 from megatron_papo.ops.groups import rank_and_size
 
@@ -51,6 +53,7 @@ __all__ = [
     "resolve_transformer_impl",
     "scatter_image_features",
     "torch_dtype",
+    "whole_sequences",
 ]
 
 CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -101,6 +104,11 @@ class VisionLanguageModel(MegatronModule):
             other stages: [S, B, H] hidden states (megatron-core convention).
         """
         raise NotImplementedError
+
+    def rope_positions(self, input_ids: Tensor, position_ids: Tensor, pixel_values: Any = None) -> Tensor:
+        """[B, S] 1-D positions -> the [3, B, S] multimodal-rope positions this model's language
+        model uses (plain rope: the three equal); [3, B, S] positions are returned as they are."""
+        return mrope_position_ids(position_ids)
 
     def num_image_tokens(self, image_hw: tuple[int, int]) -> int:
         """Image-token placeholders that one image of height/width ``image_hw`` needs in the text."""
@@ -176,7 +184,9 @@ class VisionLanguageModel(MegatronModule):
             return None
         cp_rank, cp_size = self.context_parallel_rank_size()
         sequence_parallel = bool(getattr(self.config, "sequence_parallel", False))
-        multiple = sequence_multiple(self.config)
+        # from the group, not the config: inside `whole_sequences` the cp group is None
+        multiple = (2 * cp_size if cp_size > 1 else 1) * (
+            self.config.tensor_model_parallel_size if sequence_parallel else 1)
         if decoder_input.shape[0] % multiple:
             raise ValueError(f"cp={cp_size}, sequence_parallel={sequence_parallel}: sequence length "
                              f"{decoder_input.shape[0]} is not a multiple of {multiple}; pad the batch's "
@@ -274,6 +284,35 @@ def context_parallel_group() -> Any:
     return ps.get_context_parallel_group()
 
 
+@contextlib.contextmanager
+def whole_sequences(model_chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Inside, models built for context parallelism run whole, unsharded sequences on each rank.
+
+    Cached generation needs it: a decode step feeds one token per row, which cannot be split
+    into 2 * cp zigzag chunks. Every cp rank then holds the whole KV cache and computes the same
+    tokens as a cp=1 model (the cp ranks sample with the same seeds, as the TP ranks do). For
+    the duration the cp group is None in the three places that read it: the model
+    (:meth:`VisionLanguageModel.shard_sequence` and ``lm_attention_mask`` keep the whole sequence
+    and mask), the context-parallel core attention (keys and values are not gathered: they
+    already cover the sequence) and megatron-core's rotary tables
+    (:func:`~megatron_papo.compat.mcore_compat.rotary_tables_unsharded`). Restored on exit, also
+    on error. Sequence parallelism cannot be switched off like this (megatron-core's linear
+    layers read it at construction), so generation under it recomputes the sharded forward.
+    """
+    saved = [(m, m.cp_group) for chunk in model_chunks for m in chunk.modules()
+             if isinstance(m, (VisionLanguageModel, AllGatherContextParallelAttention))]
+    with contextlib.ExitStack() as stack:
+        for chunk in model_chunks:
+            stack.enter_context(mcore_compat.rotary_tables_unsharded(chunk))
+        try:
+            for m, _ in saved:
+                m.cp_group = None
+            yield
+        finally:
+            for m, group in saved:
+                m.cp_group = group
+
+
 def sequence_multiple(config: TransformerConfig) -> int:
     """What a sequence length must be a multiple of for a language model with this config: 2 * cp
     under context parallelism (zigzag shards), times tp under sequence parallelism; 1 otherwise."""
@@ -307,7 +346,8 @@ def build_attention_mask(attention_mask: Tensor | None, seq_len: int) -> Tensor 
             - [B, S] bool or integer padding mask, True/1 = real token, False/0 = padding (the
               Hugging Face tokenizer convention; left or right padding): becomes causal AND
               "key is a real token";
-            - [B or 1, 1, S, S] bool, True = masked out (megatron's convention): used as is.
+            - [B or 1, 1, S, S_keys] bool, True = masked out (megatron's convention): used as is
+              (S_keys > S while decoding with a KV cache: the keys of the cached tokens too).
         seq_len: S.
     Returns:
         None or a bool [B or 1, 1, S, S] mask, True = masked out. Rows of padding queries may
@@ -327,9 +367,10 @@ def build_attention_mask(attention_mask: Tensor | None, seq_len: int) -> Tensor 
         if attention_mask.dtype != torch.bool:
             raise TypeError("a 4-D attention mask must be bool (True = masked out), "
                             f"got {attention_mask.dtype}")
-        if attention_mask.shape[1] != 1 or tuple(attention_mask.shape[2:]) != (seq_len, seq_len):
+        _, one, queries, keys = attention_mask.shape
+        if one != 1 or queries != seq_len or keys < seq_len:
             raise ValueError(f"attention mask has shape {tuple(attention_mask.shape)}, "
-                             f"expected [B or 1, 1, {seq_len}, {seq_len}]")
+                             f"expected [B or 1, 1, {seq_len}, S_keys >= {seq_len}]")
         return attention_mask
     raise ValueError("attention_mask must be [B, S] or [B, 1, S, S], "
                      f"got shape {tuple(attention_mask.shape)}")

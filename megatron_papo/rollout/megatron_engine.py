@@ -14,19 +14,18 @@ and every TP rank samples with an identically seeded generator, so all ranks pic
 tokens without broadcasting them. One all-reduce per batch checks that they did
 (``check_tp_agreement``; ``debug=True`` checks after every step).
 
-Cost: this engine recomputes the whole sequence at every step (no KV cache): generating L
-tokens after a P-token prompt costs ~sum_{t<L} (P + t) token-forwards, O(L * (P + L)) instead
-of O(P + L), and attention is O((P + L)^2) per step; a VLM's vision encoder also reruns every
-step. Fine for the tiny CPU models and for tests; GPU runs use vLLM. Rows that finished are
+Cost. With a KV cache (``kv_cache=True``, the default where the forward supports it: see
+``ForwardFn``), each distinct prompt goes through the model once (the prefill: its images
+through the vision tower once, then its KV cache copied to the n rows of its group), and each
+new token costs one token-forward over the cached keys: O(P + L) token-forwards for L tokens
+after a P-token prompt (rollout/kv_cache.py: megatron-core's static inference context and what
+this engine adds to it). Without one (``kv_cache=False``, or a forward that cannot cache: context
+or sequence parallelism, Transformer Engine specs) the engine recomputes the whole sequence at
+every step, ~sum_{t<L} (P + t) token-forwards, O(L (P + L)), and reruns the vision encoder each
+step; that path stays as the reference the cached one is tested against. Rows that finished are
 dropped from the next forward (their outputs are pad). The sampling noise is drawn for the live
 rows only, so a seed reproduces responses for the same request, ``max_batch_size`` and ``n``
-(and any TP size), not across different batchings.
-TODO(kv-cache): megatron-core 0.16.1's ``StaticInferenceContext`` (the legacy static engine's
-KV cache, which runs on CPU) plugs into ``GPTModel.forward(..., inference_context=ctx)``: prefill
-the prompts once, then feed one token per step with ``ctx.sequence_len_offset`` advanced. Using
-it needs a prefill/decode adapter beside ``forward_fn`` (the model wrapper owns the context),
-a per-row key padding mask during decode for the left-padded rows, and
-``ctx.swap_key_value_dict`` to drop finished rows, as ``_decode`` does for its live rows.
+(and any TP size, cached or not), not across different batchings.
 """
 
 from __future__ import annotations
@@ -49,15 +48,22 @@ from megatron_papo.rollout.base import (
     SamplingParams,
     position_ids_from_mask,
 )
+from megatron_papo.rollout.kv_cache import KVCache
 from megatron_papo.rollout.sampling import policy_log_probs, sample
 
 __all__ = ["ForwardFn", "MegatronRolloutEngine", "gpt_forward_fn"]
 
-ForwardFn = Callable[[Tensor, Tensor, Tensor, "list[list[Any]] | None"], Tensor]
+ForwardFn = Callable[..., Tensor]
 """``forward_fn(input_ids [B, S] int64, position_ids [B, S] int64, attention_mask [B, S] bool
 (True = real token), pixel_values) -> logits [B, S, V_local]``, vocab-parallel (this TP rank's
 contiguous vocabulary slice). ``pixel_values`` is None for a text-only batch, else one list per
-row holding that row's image inputs (the adapter collates them as its model needs)."""
+row holding that row's image inputs (the adapter collates them as its model needs).
+
+A forward that can decode with a KV cache says so with the attribute ``supports_kv_cache =
+True`` and takes ``cache=`` (a :class:`~megatron_papo.rollout.kv_cache.KVCache`): first the
+prompts as above (the prefill), then ``forward_fn(new_tokens [B, 1], None, None, None,
+cache=cache)`` per step; with a cache it returns the last position's logits over the whole
+padded vocabulary [B, 1, V_pad] (megatron-core gathers the TP shards in inference mode)."""
 
 
 def gpt_forward_fn(model: torch.nn.Module) -> ForwardFn:
@@ -68,15 +74,26 @@ def gpt_forward_fn(model: torch.nn.Module) -> ForwardFn:
     scores with -10000, so they stay finite (and are never used).
     """
 
-    def forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
-                pixel_values: list[list[Any]] | None) -> Tensor:
+    def forward(input_ids: Tensor, position_ids: Tensor | None, attention_mask: Tensor | None,
+                pixel_values: list[list[Any]] | None, cache: KVCache | None = None) -> Tensor:
         if pixel_values is not None:
             raise ValueError("gpt_forward_fn is text-only but the request carries images")
-        s = input_ids.shape[1]
-        causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(1)
-        mask = causal[None, None] | ~attention_mask[:, None, None, :]
-        return model(input_ids, position_ids, mask)
+        if cache is None:
+            s = input_ids.shape[1]
+            causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(1)
+            mask = causal[None, None] | ~attention_mask[:, None, None, :]
+            return model(input_ids, position_ids, mask)
+        if cache.is_prefill:
+            positions = position_ids.unsqueeze(0).expand(3, -1, -1)
+            mask = cache.prefill_inputs(attention_mask, positions)
+        else:
+            positions, mask = cache.decode_inputs(input_ids.shape[1])
+        logits = model(input_ids, positions[0], mask, inference_context=cache.context,
+                       runtime_gather_output=True)
+        cache.advance(input_ids.shape[1])
+        return logits
 
+    forward.supports_kv_cache = True  # type: ignore[attr-defined]
     return forward
 
 
@@ -168,6 +185,11 @@ class MegatronRolloutEngine:
             training flags restored after. None = the caller handles modes.
         check_tp_agreement: one all-reduce per batch verifying all TP ranks generated the same.
         debug: also verify after every step (one all-reduce per step).
+        kv_cache: decode with a KV cache when ``forward_fn.supports_kv_cache`` (module docstring);
+            False = recompute every step (the reference path).
+        kv_cache_bytes_per_token, kv_cache_gb: with both > 0, the rows decoded together are also
+            capped so that their cache (rows x (longest prompt + max_new_tokens) x bytes per
+            token, ``kv_cache.kv_cache_bytes_per_token``) stays within ``kv_cache_gb`` GiB.
 
     Collective over ``tp_group``: every TP rank calls ``generate`` with the same request and
     params. Ranks of different data-parallel replicas generate independently.
@@ -176,7 +198,8 @@ class MegatronRolloutEngine:
     def __init__(self, forward_fn: ForwardFn, *, tp_group: dist.ProcessGroup | None, vocab_size: int,
                  eos_id: int, pad_id: int, max_batch_size: int | None = None,
                  model: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
-                 check_tp_agreement: bool = True, debug: bool = False) -> None:
+                 check_tp_agreement: bool = True, debug: bool = False, kv_cache: bool = True,
+                 kv_cache_bytes_per_token: int = 0, kv_cache_gb: float = 0.0) -> None:
         if vocab_size < 1 or not 0 <= eos_id < vocab_size:
             raise ValueError(f"need vocab_size >= 1 and 0 <= eos_id < vocab_size, got {vocab_size}, {eos_id}")
         if max_batch_size is not None and max_batch_size < 1:
@@ -191,6 +214,9 @@ class MegatronRolloutEngine:
             [] if model is None else [model] if isinstance(model, torch.nn.Module) else list(model))
         self.check_tp_agreement = check_tp_agreement
         self.debug = debug
+        self.kv_cache = kv_cache and bool(getattr(forward_fn, "supports_kv_cache", False))
+        self.kv_cache_bytes_per_token = kv_cache_bytes_per_token
+        self.kv_cache_gb = kv_cache_gb
 
     @property
     def device(self) -> torch.device:
@@ -219,7 +245,7 @@ class MegatronRolloutEngine:
         images = [imgs for imgs in request.images for _ in range(n)] if request.has_images else None
         stop_ids = sorted({self.eos_id, *params.stop_token_ids})
         generator: list[torch.Generator] = []  # created on the logits' device at the first step
-        step = self.max_batch_size or len(prompts)
+        step = self._rows_per_batch(prompts, params.max_new_tokens)
         decoded: list[_Decoded] = []
         with eval_no_grad(self.modules):
             for lo in range(0, len(prompts), step):
@@ -229,6 +255,15 @@ class MegatronRolloutEngine:
         generated = sum(len(r) for r in result.response_ids)
         result.metrics.update(seconds=time.perf_counter() - start, generated_tokens=float(generated))
         return result
+
+    def _rows_per_batch(self, prompts: list[list[int]], max_new_tokens: int) -> int:
+        """Rows decoded together: ``max_batch_size`` (None = all), and with a KV-cache budget no
+        more than fit in it (the same number on every rank: it depends on the request only)."""
+        rows = self.max_batch_size or len(prompts)
+        if self.kv_cache and self.kv_cache_gb > 0 and self.kv_cache_bytes_per_token > 0 and prompts:
+            per_row = self.kv_cache_bytes_per_token * (max(map(len, prompts)) + max_new_tokens)
+            rows = min(rows, max(1, int(self.kv_cache_gb * 2**30 // per_row)))
+        return max(1, rows)
 
     def _last_logits(self, tokens: Tensor, mask: Tensor, images: list[list[Any]] | None) -> Tensor:
         """Forward the [B, S] rows (leading all-padding columns dropped); the gathered
@@ -250,12 +285,13 @@ class MegatronRolloutEngine:
         out = _Decoded(tokens=torch.full((b, t_max), self.pad_id, dtype=torch.long),
                        sampling_lp=torch.zeros(b, t_max), policy_lp=torch.zeros(b, t_max),
                        lengths=torch.zeros(b, dtype=torch.long), stopped=torch.zeros(b, dtype=torch.bool))
+        stepper = (_CachedSteps(self, rows, tokens, mask, p, t_max) if self.kv_cache
+                   else _RecomputeSteps(self, rows, tokens, mask, p))
         stop = torch.tensor(stop_ids, dtype=torch.long)
         live = torch.arange(b)  # indices of rows still generating
         steps = 0
         for t in range(t_max):
-            imgs = None if rows.images is None else [rows.images[i] for i in live.tolist()]
-            logits = self._last_logits(tokens[live, :p + t], mask[live, :p + t], imgs)  # [b, V_pad]
+            logits = stepper.logits(t, live)  # [live, V_pad] float32
             if not generator:
                 generator.append(torch.Generator(device=logits.device).manual_seed(params.seed))
             tok, lp = sample(logits, params, generator[0], self.vocab_size)
@@ -273,6 +309,8 @@ class MegatronRolloutEngine:
             steps = t + 1
             if live.numel() == 0:
                 break
+            if bool(hit.any()):
+                stepper.keep(torch.nonzero(~hit).squeeze(1))
         out.tokens, out.sampling_lp, out.policy_lp = (x[:, :steps] for x in
                                                       (out.tokens, out.sampling_lp, out.policy_lp))
         if self.check_tp_agreement:
@@ -299,3 +337,51 @@ class MegatronRolloutEngine:
             policy_log_probs=policy_lp,
             finish_reason=reasons,
         )
+
+
+class _RecomputeSteps:
+    """Next-token logits by running the whole sequence again (no cache; the reference path)."""
+
+    def __init__(self, engine: MegatronRolloutEngine, rows: _Rows, tokens: Tensor, mask: Tensor,
+                 p: int) -> None:
+        self.engine, self.rows, self.tokens, self.mask, self.p = engine, rows, tokens, mask, p
+
+    def logits(self, t: int, live: Tensor) -> Tensor:
+        imgs = None if self.rows.images is None else [self.rows.images[i] for i in live.tolist()]
+        return self.engine._last_logits(self.tokens[live, :self.p + t], self.mask[live, :self.p + t], imgs)
+
+    def keep(self, rows: Tensor) -> None:
+        """Nothing to drop: each step forwards only the live rows anyway."""
+
+
+class _CachedSteps:
+    """Next-token logits from a KV cache: the distinct prompts' prefill at step 0 (copied to the
+    rows of each group), one token per live row after (rollout/kv_cache.py)."""
+
+    def __init__(self, engine: MegatronRolloutEngine, rows: _Rows, tokens: Tensor, mask: Tensor, p: int,
+                 t_max: int) -> None:
+        self.engine, self.rows, self.tokens, self.p = engine, rows, tokens, p
+        # rows i and i-1 share a prompt when they hold the same objects (generate() repeats each
+        # prompt and its images n times); a group split by max_batch_size is simply two prompts
+        b = len(rows.prompts)
+        same = [i > 0 and rows.prompts[i] is rows.prompts[i - 1]
+                and (rows.images is None or rows.images[i] is rows.images[i - 1]) for i in range(b)]
+        self.distinct = [i for i in range(b) if not same[i]]
+        self.expand = torch.tensor([sum(1 for j in self.distinct if j <= i) - 1 for i in range(b)])
+        self.prompt_mask = mask[:, :p]
+        self.cache = KVCache.create(max_batch_size=len(self.distinct), max_sequence_length=p + t_max)
+
+    def logits(self, t: int, live: Tensor) -> Tensor:
+        engine, device = self.engine, self.engine.device
+        if t == 0:
+            idx = torch.tensor(self.distinct)
+            ids, mask = self.tokens[idx, :self.p].to(device), self.prompt_mask[idx].to(device)
+            imgs = None if self.rows.images is None else [self.rows.images[i] for i in self.distinct]
+            local = engine.forward_fn(ids, position_ids_from_mask(mask), mask, imgs, cache=self.cache)
+            self.cache.select(self.expand)
+            return local[:, -1, :].float()[self.expand.to(local.device)]  # full vocabulary already
+        new = self.tokens[live, self.p + t - 1:self.p + t].to(device)  # the token sampled last step
+        return engine.forward_fn(new, None, None, None, cache=self.cache)[:, -1, :].float()
+
+    def keep(self, rows: Tensor) -> None:
+        self.cache.select(rows)

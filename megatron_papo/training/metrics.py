@@ -22,7 +22,7 @@ from megatron_papo.ops.groups import collective_device
 
 # Metrics that are maxima / minima across micro-batches and ranks; everything else is a
 # token-weighted mean (weight = the micro-batch's "num_tokens" entry when present).
-_MAX_KEYS = ("ratio_max",)
+_MAX_KEYS = ("ratio_max", "rollout/logprob_diff_max")
 _MIN_KEYS = ("ratio_min",)
 # Constants of the step (the same in every micro-batch): reported as they are.
 _CONST_KEYS = ("gamma",)

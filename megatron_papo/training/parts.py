@@ -10,6 +10,7 @@ Used by the trainer, by ``python -m megatron_papo.evaluate`` and by the converte
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +27,18 @@ from megatron_papo.data.sampler import PromptSampler
 from megatron_papo.data.tokenizer import HFTokenizer, Tokenizer
 from megatron_papo.distributed import ProcessGroups
 from megatron_papo.models import build_model
-from megatron_papo.models.base import concat_pixels
+from megatron_papo.models.base import concat_pixels, whole_sequences
 from megatron_papo.models.hf_qwen2_5_vl import SafetensorsReader, check_all_hf_tensors_used, load_hf_weights
 from megatron_papo.ops import gather_from_context_parallel
 from megatron_papo.rollout import MegatronRolloutEngine, RolloutEngine
+from megatron_papo.rollout.kv_cache import KVCache, kv_cache_bytes_per_token
 from megatron_papo.rollout.vllm_engine import (
     PatchLayout,
     VLLMBackend,
     VLLMRolloutEngine,
     check_consecutive_tp,
 )
+from megatron_papo.training.batch import model_device
 from megatron_papo.training.checkpointing import load_checkpoint
 from megatron_papo.training.optim import LrSchedule, build_optimizer
 from megatron_papo.training.passes import model_forward, sequence_multiple
@@ -79,17 +82,46 @@ def pipeline_forward_fn(model_chunks: Sequence[torch.nn.Module], pg: ProcessGrou
     With pipeline parallelism the forward runs through the schedule and the last stage's
     logits are broadcast to the other stages (so every rank samples the same tokens).
     `banned_ids` are never sampled (their logits set to -inf in the engine's copy only).
+
+    With ``cache=`` (a :class:`~megatron_papo.rollout.kv_cache.KVCache`) the forward is one
+    generation step through megatron-core's inference context: the prefill of the prompts
+    (``input_ids`` [B, P], padding mask, images), then one call per new token with ``input_ids``
+    [B, 1] only (positions and masks come from the cache). It returns the last position's
+    logits over the whole padded vocabulary [B, 1, V_pad] (megatron-core gathers the TP shards
+    in inference mode; [B, V] per step is what the engine gathers without a cache too). The
+    returned function's ``supports_kv_cache`` says whether this
+    layout can: not under sequence parallelism (a one-token step cannot be split over the
+    sequence, and megatron-core's linear layers fix sequence parallelism when they are built) nor
+    with Transformer Engine specs (module docstring of rollout/kv_cache.py). Under context
+    parallelism the cached forward runs whole sequences on every cp rank
+    (:func:`~megatron_papo.models.base.whole_sequences`): each holds the whole cache and samples
+    the same tokens, as a cp=1 model would.
     """
     chunk = model_chunks[0]
     multiple = sequence_multiple(model_chunks)
 
-    def forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
-                images: list[list[Tensor]] | None) -> Tensor:
-        if multiple > 1:
+    def forward(input_ids: Tensor, position_ids: Tensor | None, attention_mask: Tensor | None,
+                images: list[list[Tensor]] | None, cache: KVCache | None = None) -> Tensor:
+        if cache is not None:
+            logits = _cached_forward(input_ids, position_ids, attention_mask, images, cache)
+        elif multiple > 1:
             logits = _sharded_forward(input_ids, position_ids, attention_mask, images)
         else:
             logits = _forward(input_ids, position_ids, attention_mask, images)
-        return ban_token_ids(logits, banned_ids, pg.tp_rank)
+        return ban_token_ids(logits, banned_ids, 0 if cache is not None else pg.tp_rank)
+
+    def _cached_forward(input_ids: Tensor, position_ids: Tensor | None, attention_mask: Tensor | None,
+                        images: list[list[Tensor]] | None, cache: KVCache) -> Tensor:
+        if cache.is_prefill:
+            pixels = None if images is None else concat_pixels([t for row in images for t in row])
+            positions = chunk.rope_positions(input_ids, position_ids, pixels)
+            mask = cache.prefill_inputs(attention_mask, positions)
+        else:
+            positions, mask = cache.decode_inputs(input_ids.shape[1])
+        with whole_sequences(model_chunks) if pg.cp_size > 1 else contextlib.nullcontext():
+            logits = _forward(input_ids, positions, mask, images, cache.context)
+        cache.advance(input_ids.shape[1])
+        return logits
 
     def _sharded_forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
                          images: list[list[Tensor]] | None) -> Tensor:
@@ -108,24 +140,32 @@ def pipeline_forward_fn(model_chunks: Sequence[torch.nn.Module], pg: ProcessGrou
         return gather_from_context_parallel(logits, pg.cp, dim=1)[:, extra:]
 
     def _forward(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
-                 images: list[list[Tensor]] | None) -> Tensor:
+                 images: list[list[Tensor]] | None, context: Any = None) -> Tensor:
         pixels = None if images is None else concat_pixels([t for row in images for t in row])
+        extra = {} if context is None else {"inference_context": context, "runtime_gather_output": True}
         if pg.pp_size == 1:
-            return chunk(input_ids, position_ids, attention_mask, pixels)
+            return chunk(input_ids, position_ids, attention_mask, pixels, **extra)
         mb = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
-              "pixel_values": pixels}
+              "pixel_values": pixels, "inference_context": context}
         outs = run_microbatches(model_chunks, [mb], model_forward,
                                 lambda _mb, logits: (logits.new_zeros(()), {"logits": logits}),
-                                forward_only=True, seq_length=input_ids.shape[1],
+                                forward_only=True,
+                                # the schedule divides by cp; whole sequences under a cache
+                                seq_length=input_ids.shape[1] * (pg.cp_size if context is not None else 1),
                                 micro_batch_size=input_ids.shape[0])
         b, s = input_ids.shape
-        width = chunk.padded_vocab_size // pg.tp_size
-        logits = outs[0]["logits"] if outs else torch.empty(b, s, width, dtype=chunk.config.params_dtype)
+        s_out = 1 if context is not None else s  # megatron-core returns the last position only
+        width = chunk.padded_vocab_size // (1 if context is not None else pg.tp_size)
+        logits = (outs[0]["logits"] if outs else torch.empty(b, s_out, width, dtype=chunk.config.params_dtype,
+                                                              device=model_device(model_chunks)))
         from megatron.core import parallel_state  # megatron-core: only after compat's import shims
 
         dist.broadcast(logits, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pg.pp)
         return logits
 
+    sequence_parallel = bool(getattr(chunk.config, "sequence_parallel", False))
+    can_cache = not sequence_parallel and getattr(chunk, "transformer_impl", "local") == "local"
+    forward.supports_kv_cache = can_cache  # type: ignore[attr-defined]
     return forward
 
 
@@ -232,9 +272,15 @@ def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
     if cfg.rollout.engine == "vllm":
         engine: RolloutEngine = build_vllm_engine(cfg, pg, tok, model, dataset.max_images)
     else:
+        ro = cfg.rollout
+        local_layers = sum(len(c.language_model.decoder.layers) for c in chunks)
         engine = MegatronRolloutEngine(pipeline_forward_fn(chunks, pg, never_generate_ids(tok)),
                                        tp_group=pg.tp, vocab_size=tok.vocab_size,
-                                       eos_id=tok.eos_id, pad_id=tok.pad_id, model=chunks)
+                                       eos_id=tok.eos_id, pad_id=tok.pad_id, model=chunks,
+                                       max_batch_size=ro.max_batch_size, kv_cache=ro.kv_cache,
+                                       kv_cache_bytes_per_token=kv_cache_bytes_per_token(
+                                           chunks[0].config, local_layers, pg.tp_size),
+                                       kv_cache_gb=ro.kv_cache_gb)
     return Parts(tokenizer=tok, model_chunks=chunks, ddp_chunks=ddp_chunks, optimizer=optimizer,
                  lr_schedule=LrSchedule.from_config(cfg.train), engine=engine, dataset=dataset,
                  rl_indices=rl_idx, sft_indices=sft_idx, sampler=sampler, ref_chunks=ref)

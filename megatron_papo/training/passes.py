@@ -28,8 +28,11 @@ from megatron_papo.training.schedule import global_mean_loss_scale, run_microbat
 
 
 def model_forward(model: torch.nn.Module, mb: Mapping[str, Any]) -> Tensor:
-    """One chunk on one micro-batch dict (see batch.micro_batch_dicts)."""
-    return model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], mb["pixel_values"])
+    """One chunk on one micro-batch dict (see batch.micro_batch_dicts); a generation step's dict
+    may carry megatron-core's ``inference_context`` (the KV cache, rollout/kv_cache.py)."""
+    context = mb.get("inference_context")
+    extra = {} if context is None else {"inference_context": context, "runtime_gather_output": True}
+    return model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], mb["pixel_values"], **extra)
 
 
 def sequence_multiple(model_chunks: Sequence[torch.nn.Module]) -> int:

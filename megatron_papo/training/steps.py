@@ -112,9 +112,30 @@ def rollout_train_batch(result: RolloutResult, adv: Advantages, pixels: Sequence
     rows = adv.kept_rows
     row_pixels = [pixels[int(r) // n] for r in rows]
     row_masked = [masked_pixels[int(r) // n] for r in rows]
-    return build_train_batch(padded.input_ids[rows], padded.attention_mask[rows], padded.prompt_ids.shape[1],
-                             padded.response_mask[rows], adv.advantages, row_pixels, row_masked,
-                             pad_id=pad_id)
+    p = padded.prompt_ids.shape[1]
+    batch = build_train_batch(padded.input_ids[rows], padded.attention_mask[rows], p,
+                              padded.response_mask[rows], adv.advantages, row_pixels, row_masked,
+                              pad_id=pad_id)
+    # the engine's own log-probs of the sampled tokens (temperature 1), where the batch's loss
+    # positions are (target t = token t + 1): for the rollout/training mismatch metric
+    rollout_lp = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    rollout_lp[:, p - 1:p - 1 + padded.policy_log_probs.shape[1]] = padded.policy_log_probs[rows]
+    batch.extras["rollout_log_probs"] = rollout_lp
+    return batch
+
+
+def rollout_logprob_mismatch(batch: TrainBatch) -> dict[str, float]:
+    """|log p_rollout - log p_train| over the response tokens: mean and max (the engine's
+    temperature-1 log-probs against the trainer's no-grad pass with the same weights). Empty on
+    pipeline stages without the training log-probs; 0 for a batch of inert rows, so every
+    data-parallel replica reports the same keys (the step's mean is then over replicas)."""
+    rollout = batch.extras.get("rollout_log_probs")
+    if batch.old_log_probs is None or rollout is None:
+        return {}
+    diff = (batch.old_log_probs - rollout.to(batch.old_log_probs.device)).abs()[batch.loss_mask]
+    if diff.numel() == 0:
+        return {"rollout/logprob_diff_mean": 0.0, "rollout/logprob_diff_max": 0.0}
+    return {"rollout/logprob_diff_mean": float(diff.mean()), "rollout/logprob_diff_max": float(diff.max())}
 
 
 def update_batch(result: RolloutResult, adv: Advantages, pixels: Sequence[Tensor | None],

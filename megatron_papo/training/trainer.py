@@ -136,6 +136,7 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
                                    micro_batch_size=cfg.train.micro_batch_size,
                                    device=model_device(parts.model_chunks))
         fill_log_probs(parts, batch, cfg, pg)
+        local.update(steps.rollout_logprob_mismatch(batch))
         update_metrics = _update(parts, batch, cfg, pg, step, cfg.loss)
     seconds = time.perf_counter() - t0
     out = reduce_step_metrics([{k: torch.tensor(v) for k, v in local.items()}], pg.dp)
