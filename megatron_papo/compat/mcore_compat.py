@@ -89,6 +89,7 @@ __all__ = [
     "mlp_submodules",
     "require",
     "revert_cpu_patches",
+    "rotary_tables_unsharded",
     "vocab_parallel_cross_entropy",
 ]
 

@@ -19,8 +19,9 @@ Cost. With a KV cache (``kv_cache=True``, the default where the forward supports
 through the vision tower once, then its KV cache copied to the n rows of its group), and each
 new token costs one token-forward over the cached keys: O(P + L) token-forwards for L tokens
 after a P-token prompt (rollout/kv_cache.py: megatron-core's static inference context and what
-this engine adds to it). Without one (``kv_cache=False``, or a forward that cannot cache: context
-or sequence parallelism, Transformer Engine specs) the engine recomputes the whole sequence at
+this engine adds to it; under context parallelism every cp rank runs the whole, unsharded
+sequence). Without one (``kv_cache=False``, or a forward that cannot cache: sequence parallelism,
+Transformer Engine specs) the engine recomputes the whole sequence at
 every step, ~sum_{t<L} (P + t) token-forwards, O(L (P + L)), and reruns the vision encoder each
 step; that path stays as the reference the cached one is tested against. Rows that finished are
 dropped from the next forward (their outputs are pad). The sampling noise is drawn for the live

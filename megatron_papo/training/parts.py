@@ -154,7 +154,9 @@ def pipeline_forward_fn(model_chunks: Sequence[torch.nn.Module], pg: ProcessGrou
                                 seq_length=input_ids.shape[1] * (pg.cp_size if context is not None else 1),
                                 micro_batch_size=input_ids.shape[0])
         b, s = input_ids.shape
-        s_out = 1 if context is not None else s  # megatron-core returns the last position only
+        # megatron-core returns the last position only under a cache; without one each cp rank
+        # holds its 1/cp of the (already padded) sequence until _sharded_forward gathers it
+        s_out = 1 if context is not None else s // pg.cp_size
         width = chunk.padded_vocab_size // (1 if context is not None else pg.tp_size)
         logits = (outs[0]["logits"] if outs else torch.empty(b, s_out, width, dtype=chunk.config.params_dtype,
                                                               device=model_device(model_chunks)))
