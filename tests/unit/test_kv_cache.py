@@ -168,3 +168,32 @@ def test_rollout_log_probs_match_the_training_pass(tiny_vlm, pg):
     assert (got - expected).abs().max() <= LP_TOL
     assert metric["rollout/logprob_diff_mean"] == pytest.approx(float(expected.mean()), abs=LP_TOL)
     assert metric["rollout/logprob_diff_max"] == pytest.approx(float(expected.max()), abs=LP_TOL)
+
+
+def test_whole_sequences_unshards_and_restores_even_on_error(tiny_vlm):
+    """`whole_sequences` takes the cp group off the model, its attention and its rope tables for
+    the call and puts back exactly what was there (here a sentinel, as a cp=1 model holds None)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+        MultimodalRotaryEmbedding,
+        RotaryEmbedding,
+    )
+
+    from megatron_papo.models.base import whole_sequences
+
+    chunks = tiny_vlm[0].model_chunks
+    rope = (RotaryEmbedding, MultimodalRotaryEmbedding)
+    holders = [m for m in chunks[0].modules() if isinstance(m, rope) or m is chunks[0]]
+    assert any(isinstance(m, rope) for m in holders) and chunks[0] in holders
+    sentinel = object()
+    saved = [m.cp_group for m in holders]
+    try:
+        for m in holders:
+            m.cp_group = sentinel
+        with pytest.raises(RuntimeError, match="inside"):
+            with whole_sequences(chunks):
+                assert all(m.cp_group is None for m in holders)
+                raise RuntimeError("inside")
+        assert all(m.cp_group is sentinel for m in holders)
+    finally:
+        for m, group in zip(holders, saved):
+            m.cp_group = group
