@@ -1,6 +1,6 @@
 """The one place where megatron_papo patches or works around megatron-core.
 
-Three jobs, each small:
+Five jobs, each small:
 
 1. **Importing megatron-core safely** (:func:`import_megatron_core`, in this module). Importing this
    module registers a placeholder for the single unguarded ``import triton`` of megatron-core 0.19.x
@@ -22,6 +22,11 @@ Three jobs, each small:
 4. **Whole sequences on a model built for context parallelism** (:func:`rotary_tables_unsharded`):
    cached generation runs unsharded on every cp rank, and megatron-core's rotary embeddings would
    otherwise keep only their rank's zigzag rows of the table.
+
+5. **The output layer's input instead of its logits** (:func:`output_layer_returns_hidden`): the
+   fused linear PAPO op (``loss.fused_linear``) takes the last hidden states and the output weight
+   and never materialises the logits; GPTModel has no switch for that, so its output layer's
+   ``forward`` is replaced on the instance for the duration of a pass.
 
 Plus dependency probes for the optional GPU stack (:func:`have_transformer_engine`, ...,
 :func:`require`), in :mod:`megatron_papo.compat.optional_deps`.
@@ -87,6 +92,8 @@ __all__ = [
     "llava_hybrid_pattern_kwarg",
     "mcore_at_least",
     "mlp_submodules",
+    "output_layer_returns_hidden",
+    "output_weight",
     "require",
     "revert_cpu_patches",
     "rotary_tables_unsharded",
@@ -523,3 +530,60 @@ def rotary_tables_unsharded(module: Any) -> Iterator[None]:
     finally:
         for m, group in saved:
             m.cp_group = group
+
+
+@contextlib.contextmanager
+def output_layer_returns_hidden(module: Any) -> Iterator[None]:
+    """Inside, every megatron-core ``GPTModel`` under ``module`` returns its output layer's input,
+    the last hidden states [B, S, H] (the full sequence of this cp rank), instead of logits.
+
+    ``GPTModel._postprocess`` ends in ``self.output_layer(hidden, weight=..., runtime_gather_output=...)``
+    then transposes to [B, S, V_local]; a column-parallel output layer's own ``forward`` is
+    replaced on the instance (restored on exit, also on error) by one that returns its input as
+    the column-parallel layer sees it, with the same communication:
+
+    - without sequence parallelism, ``copy_to_tensor_model_parallel_region`` (identity forward,
+      all-reduce of the gradient over TP in backward: each rank's gradient covers only its
+      vocabulary rows);
+    - with it, ``gather_from_sequence_parallel_region`` (all-gather forward, reduce-scatter back).
+
+    The weight the caller multiplies by is :func:`output_weight` of the model. Only used by
+    training and log-prob passes (no inference context: under one, megatron-core slices the last
+    token before the output layer).
+    """
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    layers = [m.output_layer for m in module.modules()
+              if isinstance(m, GPTModel) and getattr(m, "post_process", False)]
+
+    def hidden_forward(layer: Any) -> Any:
+        def forward(input_: Any, weight: Any = None, runtime_gather_output: Any = None) -> tuple[Any, None]:
+            if layer.sequence_parallel:
+                return gather_from_sequence_parallel_region(input_, group=layer.tp_group), None
+            return copy_to_tensor_model_parallel_region(input_, group=layer.tp_group), None
+        return forward
+
+    try:
+        for layer in layers:
+            layer.forward = hidden_forward(layer)
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+def output_weight(module: Any) -> Any:
+    """The [V_local, H] weight the last stage's output layer multiplies by: the shared embedding
+    weight with tied embeddings, else the output layer's own (None on stages without one)."""
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    for m in module.modules():
+        if isinstance(m, GPTModel) and getattr(m, "post_process", False):
+            if m.share_embeddings_and_output_weights:
+                return m.shared_embedding_or_output_weight()
+            return m.output_layer.weight
+    return None

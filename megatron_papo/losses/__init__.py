@@ -6,6 +6,7 @@ from megatron_papo.losses.papo import (
     PapoLossConfig,
     gamma_factor,
     papo_loss,
+    papo_loss_from_hidden,
     papo_loss_from_log_probs,
 )
 from megatron_papo.losses.policy import PolicyLossTerms, clipped_policy_loss
@@ -20,6 +21,7 @@ __all__ = [
     "gamma_factor",
     "kl_estimate",
     "papo_loss",
+    "papo_loss_from_hidden",
     "papo_loss_from_log_probs",
     "token_mean",
 ]

@@ -33,7 +33,13 @@ from torch import Tensor
 from megatron_papo.losses.aggregation import LOSS_AGGS, LossAgg, aggregate, token_mean
 from megatron_papo.losses.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
 from megatron_papo.losses.policy import clipped_policy_loss
-from megatron_papo.ops import papo_token_stats, vocab_parallel_entropy, vocab_parallel_log_probs
+from megatron_papo.ops import (
+    linear_papo_token_stats,
+    linear_vocab_parallel_log_probs_entropy,
+    papo_token_stats,
+    vocab_parallel_entropy,
+    vocab_parallel_log_probs,
+)
 
 KlPrcpMode = Literal["k3", "full"]
 EntropyMode = Literal["sampled", "full"]
@@ -83,6 +89,11 @@ class PapoLossConfig:
     op_impl: Literal["auto", "torch", "triton"] = "auto"
     """Backend of the full-vocabulary token statistics (ops.papo_token_stats): "triton" = fused
     kernels (CUDA), "torch" = chunked torch ops, "auto" = triton on CUDA when it imports."""
+    fused_linear: bool = False
+    """Never materialise the logits: the model returns its last hidden states and every token
+    statistic (update and no-grad passes) comes from them and the vocab-parallel output weight
+    through ops.linear_papo_token_stats / linear_vocab_parallel_log_probs(_entropy), tiled and
+    recomputed in backward. Same values as the logits path (to fp32 rounding)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -325,14 +336,67 @@ def papo_loss(logits: Tensor, target: Tensor, old_log_probs: Tensor, advantages:
         log_probs, masked_log_probs = stats.log_probs, stats.masked_log_probs
         full_kl, entropy, masked_entropy = stats.kl, stats.entropy, stats.masked_entropy
     else:
-        if config.kl_prcp_mode == "full" and config.gamma > 0:
-            raise ValueError("papo_loss: kl_prcp_mode='full' needs masked_logits")
+        _check_one_branch_modes(config, "masked_logits")
         log_probs = vocab_parallel_log_probs(logits, target, tp_group, vocab_size, check_finite=check_finite)
         if config.entropy_mode == "full":
             entropy = vocab_parallel_entropy(logits, tp_group, vocab_size, check_finite=check_finite)
-            if config.entropy_coef_mask > 0:
-                raise ValueError("papo_loss: entropy_mode='full' with entropy_coef_mask > 0 "
-                                 "needs masked_logits")
+    old_log_probs = _at_least_fp32(old_log_probs).to(log_probs.dtype)
+    return _objective(log_probs, old_log_probs, advantages, response_mask.bool(), config,
+                      masked_log_probs=masked_log_probs, full_kl=full_kl, entropy=entropy,
+                      masked_entropy=masked_entropy, ref_log_probs=ref_log_probs, step=step,
+                      num_tokens=num_tokens, num_seqs=num_seqs, row_tokens=row_tokens)
+
+
+def _check_one_branch_modes(config: PapoLossConfig, masked_name: str) -> None:
+    """The full forms that need the masked branch's logits (or hidden states) when only one came."""
+    if config.kl_prcp_mode == "full" and config.gamma > 0:
+        raise ValueError(f"papo_loss: kl_prcp_mode='full' needs {masked_name}")
+    if config.entropy_mode == "full" and config.entropy_coef_mask > 0:
+        raise ValueError(f"papo_loss: entropy_mode='full' with entropy_coef_mask > 0 needs {masked_name}")
+
+
+def papo_loss_from_hidden(hidden: Tensor, output_weight: Tensor, target: Tensor, old_log_probs: Tensor,
+                          advantages: Tensor, response_mask: Tensor, *, config: PapoLossConfig,
+                          masked_hidden: Tensor | None = None, masked_log_probs: Tensor | None = None,
+                          ref_log_probs: Tensor | None = None,
+                          tp_group: torch.distributed.ProcessGroup | None = None,
+                          vocab_size: int | None = None, step: int = 0,
+                          num_tokens: Tensor | float | None = None, num_seqs: Tensor | float | None = None,
+                          row_tokens: Tensor | None = None,
+                          check_finite: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """``papo_loss`` of the logits ``hidden @ output_weight.T`` without forming them
+    (ops.linear_papo_token_stats; ``loss.fused_linear``).
+
+    Args:
+        hidden: [B, L, H] the output layer's input on the original-image branch, with gradient
+            (replicated over TP; its gradient is this rank's share, summed over TP by the
+            model's output-layer region, compat.mcore_compat.output_layer_returns_hidden).
+        output_weight: [V_local, H] this rank's output-layer weight (the shared embedding when tied).
+        masked_hidden: [B, L, H] the masked-image branch; without ``config.masked_grad`` it and its
+            logits count as constants (no gradient to it or, through it, to the weight).
+        Others: as in papo_loss.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"papo_loss_from_hidden: hidden must be [B, L, H], got shape {tuple(hidden.shape)}")
+    _check_shapes(response_mask, target=target, old_log_probs=old_log_probs, advantages=advantages,
+                  masked_log_probs=masked_log_probs, ref_log_probs=ref_log_probs)
+    if target.shape != hidden.shape[:2]:
+        raise ValueError(f"papo_loss_from_hidden: target {tuple(target.shape)} must match hidden's leading "
+                         f"dims {tuple(hidden.shape[:2])}")
+    full_kl = entropy = masked_entropy = None
+    if masked_hidden is not None:
+        if not config.masked_grad:
+            masked_hidden = masked_hidden.detach()
+        stats = linear_papo_token_stats(hidden, masked_hidden, output_weight, target, tp_group, vocab_size,
+                                        masked_weight_grad=config.masked_grad, check_finite=check_finite)
+        log_probs, masked_log_probs = stats.log_probs, stats.masked_log_probs
+        full_kl, entropy, masked_entropy = stats.kl, stats.entropy, stats.masked_entropy
+    else:
+        _check_one_branch_modes(config, "masked_hidden")
+        log_probs, ent = linear_vocab_parallel_log_probs_entropy(hidden, output_weight, target, tp_group,
+                                                                 vocab_size, check_finite=check_finite)
+        if config.entropy_mode == "full":
+            entropy = ent
     old_log_probs = _at_least_fp32(old_log_probs).to(log_probs.dtype)
     return _objective(log_probs, old_log_probs, advantages, response_mask.bool(), config,
                       masked_log_probs=masked_log_probs, full_kl=full_kl, entropy=entropy,

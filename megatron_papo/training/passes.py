@@ -7,18 +7,25 @@ only stage that computes the loss.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_papo.compat import mcore_compat
 from megatron_papo.distributed import ProcessGroups, broadcast_object
-from megatron_papo.losses import PapoLossConfig, papo_loss
+from megatron_papo.losses import PapoLossConfig, papo_loss, papo_loss_from_hidden
 from megatron_papo.models.base import sequence_multiple as config_multiple
-from megatron_papo.ops import gather_from_context_parallel, global_token_count, vocab_parallel_log_probs
+from megatron_papo.ops import (
+    gather_from_context_parallel,
+    global_token_count,
+    linear_vocab_parallel_log_probs,
+    vocab_parallel_log_probs,
+)
 from megatron_papo.ops.groups import rank_and_size
 from megatron_papo.rollout.megatron_engine import eval_no_grad
 from megatron_papo.training.batch import TrainBatch, micro_batch_dicts, pad_columns
@@ -43,25 +50,45 @@ def sequence_multiple(model_chunks: Sequence[torch.nn.Module]) -> int:
     return config_multiple(get_model_config(model_chunks[0]))
 
 
+@contextlib.contextmanager
+def model_outputs(model_chunks: Sequence[torch.nn.Module], fused_linear: bool) -> Iterator[Tensor | None]:
+    """What the chunks return inside: logits [B, S, V_local] (yields None), or with
+    ``fused_linear`` the last hidden states [B, S, H] (yields the output weight [V_local, H] of
+    this stage, None on stages without the output layer; compat.mcore_compat.output_layer_returns_hidden)."""
+    if not fused_linear:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        for chunk in model_chunks:
+            stack.enter_context(mcore_compat.output_layer_returns_hidden(chunk))
+        yield mcore_compat.output_weight(model_chunks[-1])
+
+
 def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch, *, micro_batch_size: int,
                       tp_group: dist.ProcessGroup | None, vocab_size: int, masked_branch: bool = False,
-                      cp_group: dist.ProcessGroup | None = None) -> Tensor | None:
+                      cp_group: dist.ProcessGroup | None = None, fused_linear: bool = False) -> Tensor | None:
     """No-grad per-token log-probs [R, S] of batch.target (original or masked images).
 
     Under context parallelism (`cp_group` of size > 1) each rank computes its zigzag shard and
     the [R, S] result is all-gathered over the cp group (a per-token tensor, never logits).
+    With ``fused_linear`` the log-probs come from the last hidden states and the output weight
+    (ops.linear_vocab_parallel_log_probs): no logits are formed.
     Returns None on pipeline stages other than the last (they never need them).
     """
     cp_rank, cp_size = rank_and_size(cp_group)
 
-    def loss_fn(mb: Mapping[str, Any], logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        lp = vocab_parallel_log_probs(logits, mb["target"], tp_group, vocab_size, check_finite=False)
-        return logits.new_zeros(()), {"log_probs": gather_from_context_parallel(lp, cp_group, dim=1)}
+    def loss_fn(mb: Mapping[str, Any], out: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if fused_linear:
+            lp = linear_vocab_parallel_log_probs(out, weight, mb["target"], tp_group, vocab_size,
+                                                 check_finite=False)
+        else:
+            lp = vocab_parallel_log_probs(out, mb["target"], tp_group, vocab_size, check_finite=False)
+        return out.new_zeros(()), {"log_probs": gather_from_context_parallel(lp, cp_group, dim=1)}
 
     padded = pad_columns(batch, sequence_multiple(model_chunks))
     mbs = micro_batch_dicts(padded, micro_batch_size, masked_branch=masked_branch, cp_rank=cp_rank,
                             cp_size=cp_size)
-    with eval_no_grad(model_chunks):
+    with eval_no_grad(model_chunks), model_outputs(model_chunks, fused_linear) as weight:
         outs = run_microbatches(model_chunks, mbs, model_forward, loss_fn, forward_only=True,
                                 seq_length=padded.seq_length, micro_batch_size=micro_batch_size)
     if not outs:
@@ -89,7 +116,9 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
     same rows (N_global counts them once, over the dp group) and each computes the share of its
     zigzag shard; the shares of all dp x cp ranks add up to the global mean. When the masked
     branch needs logits at update time (full KL/entropies, or masked_grad), each micro-batch
-    carries both branches and one pipeline pass computes both.
+    carries both branches and one pipeline pass computes both. With ``loss_config.fused_linear``
+    the chunks return hidden states and the loss multiplies by the output weight tile by tile
+    (losses.papo_loss_from_hidden): no logits are formed, forward or backward.
     """
     both = loss_config.uses_masked_branch and (loss_config.masked_grad or loss_config.needs_logits)
     batch = pad_columns(batch, sequence_multiple(ddp_chunks))
@@ -98,22 +127,26 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
     num_tokens = global_token_count(batch.loss_mask, pg.dp)
     num_seqs = global_token_count(batch.loss_mask.any(dim=1), pg.dp)
 
-    def loss_fn(mb: Mapping[str, Any], logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        masked_logits = None
+    def loss_fn(mb: Mapping[str, Any], out: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        masked = None
         if both:
-            logits, masked_logits = logits.chunk(2, dim=0)
-        return papo_loss(logits, mb["target"], mb["old_log_probs"], mb["advantages"], mb["loss_mask"],
-                         config=loss_config, masked_logits=masked_logits,
-                         masked_log_probs=mb["masked_log_probs"], ref_log_probs=mb["ref_log_probs"],
-                         tp_group=pg.tp, vocab_size=vocab_size, step=step, num_tokens=num_tokens,
-                         num_seqs=num_seqs, row_tokens=mb["row_tokens"] if pg.cp_size > 1 else None,
-                         check_finite=False)
+            out, masked = out.chunk(2, dim=0)
+        kw = dict(config=loss_config, masked_log_probs=mb["masked_log_probs"],
+                  ref_log_probs=mb["ref_log_probs"], tp_group=pg.tp, vocab_size=vocab_size, step=step,
+                  num_tokens=num_tokens, num_seqs=num_seqs,
+                  row_tokens=mb["row_tokens"] if pg.cp_size > 1 else None, check_finite=False)
+        if loss_config.fused_linear:
+            return papo_loss_from_hidden(out, weight, mb["target"], mb["old_log_probs"], mb["advantages"],
+                                         mb["loss_mask"], masked_hidden=masked, **kw)
+        return papo_loss(out, mb["target"], mb["old_log_probs"], mb["advantages"], mb["loss_mask"],
+                         masked_logits=masked, **kw)
 
     zero_grads(list(ddp_chunks), optimizer)
-    outs = run_microbatches(ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,
-                            seq_length=batch.seq_length,
-                            micro_batch_size=micro_batch_size * (2 if both else 1),
-                            loss_scale=global_mean_loss_scale(pg.dp_size, len(mbs)))
+    with model_outputs(ddp_chunks, loss_config.fused_linear) as weight:
+        outs = run_microbatches(ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,
+                                seq_length=batch.seq_length,
+                                micro_batch_size=micro_batch_size * (2 if both else 1),
+                                loss_scale=global_mean_loss_scale(pg.dp_size, len(mbs)))
     # the loss is known (and the same) on every rank before the step: it joins the finiteness check
     metrics = reduce_step_metrics(outs, pg.dp_cp, mode="sum") if outs else {}
     metrics = share_from_last_stage(metrics, pg)
