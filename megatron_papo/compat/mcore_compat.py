@@ -48,6 +48,8 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+
 from megatron_papo.compat.mcore_versions import (
     MCORE_VERSION,
     SUPPORTED_MCORE,
@@ -532,6 +534,25 @@ def rotary_tables_unsharded(module: Any) -> Iterator[None]:
             m.cp_group = group
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; backward hands on a contiguous gradient.
+
+    megatron-core's ``copy_to_tensor_model_parallel_region`` backward all-reduces
+    ``grad.contiguous()`` and returns ``grad``: for a non-contiguous gradient (ours arrives through
+    GPTModel's ``transpose(0, 1)``) the reduced copy is dropped and each TP rank keeps its own
+    partial gradient, silently. Its own linear layers never hit this (their input gradient is a
+    fresh matmul output); the hidden states returned from the output layer's place do.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Any) -> Any:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:
+        return grad.contiguous()
+
+
 @contextlib.contextmanager
 def output_layer_returns_hidden(module: Any) -> Iterator[None]:
     """Inside, every megatron-core ``GPTModel`` under ``module`` returns its output layer's input,
@@ -563,8 +584,10 @@ def output_layer_returns_hidden(module: Any) -> Iterator[None]:
     def hidden_forward(layer: Any) -> Any:
         def forward(input_: Any, weight: Any = None, runtime_gather_output: Any = None) -> tuple[Any, None]:
             if layer.sequence_parallel:
-                return gather_from_sequence_parallel_region(input_, group=layer.tp_group), None
-            return copy_to_tensor_model_parallel_region(input_, group=layer.tp_group), None
+                out = gather_from_sequence_parallel_region(input_, group=layer.tp_group)
+            else:
+                out = copy_to_tensor_model_parallel_region(input_, group=layer.tp_group)
+            return _ContiguousGrad.apply(out), None
         return forward
 
     try:

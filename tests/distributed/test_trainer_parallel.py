@@ -73,3 +73,29 @@ def test_dapo_data_parallel_completes(tmp_path):
                 "train.update_prompts=2", "train.sft_warmup_steps=6", "train.sft_batch_size=16")
     rl = [r for r in rows.values() if "reward/mean" in r]
     assert len(rl) == 3 and all("filter/kept_groups" in r for r in rl)
+
+
+def test_fused_linear_at_tp2_sp_pp2_and_cp2_matches_the_tp1_logits_path(tmp_path):
+    """``loss.fused_linear: true`` (hidden states out of the model, ops.fused_linear in every pass)
+    at TP=2 (the hidden-state gradient summed over TP by the output layer's region), with sequence
+    parallelism (all-gathered hidden states, reduce-scattered gradient), at PP=2 (the weight on
+    the last stage) and CP=2 (per-shard statistics) gives the TP=1 logits run's metrics. Same
+    tolerance as above: fp32 with other reduction orders."""
+    init = tmp_path / "init"
+    _run(tmp_path, "init", 1, "--save-init", str(init))
+    shared = f"checkpoint.init_weights={init}"
+    ref = _run(tmp_path, "tp1", 1, shared)
+    fused = "loss.fused_linear=true"
+    runs = {"tp2": _run(tmp_path, "tp2", 2, shared, fused, "parallel.tp=2"),
+            "tp2_sp": _run(tmp_path, "sp2", 2, shared, fused, "parallel.tp=2",
+                           "parallel.sequence_parallel=true"),
+            "pp2": _run(tmp_path, "pp2", 2, shared, fused, "parallel.pp=2"),
+            "cp2": _run(tmp_path, "cp2", 2, shared, fused, "parallel.cp=2")}
+    checked = 0
+    for name, run in runs.items():
+        for step, row in ref.items():
+            for k in KEYS:
+                if k in row:
+                    assert run[step][k] == pytest.approx(row[k], rel=1e-4, abs=1e-5), (name, step, k)
+                    checked += 1
+    assert checked >= 4 * (1 + 2 * 8)
