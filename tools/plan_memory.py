@@ -97,6 +97,7 @@ def run_from_config(cfg: Any, gpus: int | None) -> dict[str, Any]:
         recompute=cfg.model.recompute_activations, distributed_optimizer=par.use_distributed_optimizer,
         reference_model=loss.ref_kl_coef > 0,
         masked_grad=loss.uses_masked_branch and (loss.masked_grad or loss.needs_logits),
+        fused_linear=loss.fused_linear,
         # the vLLM engine always sleeps during the update (rollout.vllm_sleep_level 1 or 2)
         vllm_mode="sleep" if cfg.rollout.engine == "vllm" else "none",
         vllm_gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-model", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--masked-grad", action=argparse.BooleanOptionalAction, default=None,
                    help="masked branch keeps its graph at update time (full KL / entropies / masked_grad)")
+    p.add_argument("--fused-linear", action=argparse.BooleanOptionalAction, default=None,
+                   help="loss.fused_linear: no logits (statistics from hidden states + output weight)")
     p.add_argument("--vllm", choices=["none", "colocated", "sleep"], dest="vllm_mode")
     p.add_argument("--vllm-util", type=float, dest="vllm_gpu_memory_utilization")
     p.add_argument("--vllm-tp", type=int)
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAG_FIELDS = ("tp", "pp", "cp", "dp", "vpp", "micro_batch", "num_microbatches", "prompt_len",
                 "response_len", "images_per_sample", "image_patches", "precision", "impl",
                 "sequence_parallel", "recompute", "distributed_optimizer", "reference_model",
-                "masked_grad", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tp")
+                "masked_grad", "fused_linear", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tp")
 
 
 def validate_on_cpu() -> int:

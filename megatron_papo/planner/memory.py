@@ -168,6 +168,9 @@ class RunShape:
     """vLLM's tensor parallel size (None = tp)."""
     papo_chunk_bytes: int = 128 * 2**20
     """fp32 scratch of one chunk of the fused PAPO op (megatron_papo/ops)."""
+    fused_linear: bool = False
+    """``loss.fused_linear``: no logits; the op works from the last hidden states and the output
+    weight in (token x vocabulary) tiles (ops/fused_linear.py)."""
 
     @property
     def seq_len(self) -> int:
@@ -290,6 +293,23 @@ def papo_op_bytes(lm: LanguageArch, run: RunShape, rows: int) -> int:
     return 3 * chunk_tokens * v_local * 4
 
 
+# Tile of the fused linear op (ops/fused_linear.py: default_tile): ~64 MiB of fp32 scratch and a
+# 4096-row vocabulary block whose weight gradient is summed in fp32.
+_LINEAR_TILE_SCRATCH = 64 * 2**20
+_LINEAR_VOCAB_BLOCK = 4096
+
+
+def fused_linear_bytes(lm: LanguageArch, run: RunShape, rows: int, *, backward: bool = True) -> int:
+    """Working set of the fused linear op for ``rows`` rows: one tile's fp32 scratch, and in
+    backward the fp32 accumulators of the hidden-state gradient [tokens, H] and of one vocabulary
+    block's weight gradient [4096, H]. No [T, V/tp] tensor exists."""
+    tokens = rows * math.ceil(run.seq_len / run.cp)
+    if not backward:
+        return _LINEAR_TILE_SCRATCH
+    v_local = lm.padded_vocab(run.tp) // run.tp
+    return _LINEAR_TILE_SCRATCH + 4 * lm.hidden_size * (tokens + min(v_local, _LINEAR_VOCAB_BLOCK))
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------
@@ -384,9 +404,17 @@ def _stage_plan(arch: Architecture, run: RunShape, stage: Literal["first", "last
     if run.recompute:
         rows["recompute"] = per_layer
         notes["recompute"] = "one layer's activations, rebuilt during backward"
-    rows["logits"] = logits_bytes(lm, run, rows_mb) if last else 0
-    rows["PAPO op scratch"] = papo_op_bytes(lm, run, rows_mb) if last else 0
-    if last:
+    if run.fused_linear:
+        rows["logits"] = 0
+        rows["PAPO op scratch"] = fused_linear_bytes(lm, run, rows_mb) if last else 0
+    else:
+        rows["logits"] = logits_bytes(lm, run, rows_mb) if last else 0
+        rows["PAPO op scratch"] = papo_op_bytes(lm, run, rows_mb) if last else 0
+    if last and run.fused_linear:
+        notes["logits"] = "none: fused_linear works from the hidden states and the output weight"
+        notes["PAPO op scratch"] = ("fused linear op: one tile's fp32 scratch (64 MiB) + fp32 [T, H] "
+                                    "and [4096, H] gradient accumulators")
+    elif last:
         v_local = lm.padded_vocab(run.tp) // run.tp
         shape = f"[{rows_mb}, {math.ceil(run.seq_len / run.cp)}, {v_local}]"
         notes["logits"] = f"{shape} x {act} B, and their gradient"
@@ -398,7 +426,9 @@ def _stage_plan(arch: Architecture, run: RunShape, stage: Literal["first", "last
         nograd = 0
     else:
         nograd = per_layer // 2  # forward working set of one layer without saving for backward (rough)
-        if last:
+        if last and run.fused_linear:
+            nograd += fused_linear_bytes(lm, run, run.micro_batch, backward=False)
+        elif last:
             nograd += logits_bytes(lm, run, run.micro_batch) // 2 + papo_op_bytes(lm, run, run.micro_batch)
         rows["PAPO masked pass"] = nograd
         notes["PAPO masked pass"] = ("no-grad log-prob pass before the update (one layer's working set + "
@@ -496,7 +526,7 @@ def format_plan(plan: MemoryPlan, gpu_bytes: int | None = None, *, reserve_bytes
     lines = [f"{plan.arch.name}: tp={r.tp} pp={r.pp} cp={r.cp} dp={r.dp} micro_batch={r.micro_batch} "
              f"seq={r.prompt_len}+{r.response_len} {r.precision} {r.impl} recompute={r.recompute} "
              f"sp={r.sequence_parallel} dist_opt={r.distributed_optimizer} ref={r.reference_model} "
-             f"masked_grad={r.masked_grad} vllm={r.vllm_mode}",
+             f"masked_grad={r.masked_grad} fused_linear={r.fused_linear} vllm={r.vllm_mode}",
              f"heaviest pipeline stage: {plan.stage}; {plan.params / 1e9:.3f}B parameters on this GPU",
              f"{'category':<20} {'GiB':>9}  how", "-" * 78]
     for name, value in plan.rows.items():

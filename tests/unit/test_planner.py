@@ -51,6 +51,21 @@ def test_distributed_optimizer_shards_state_and_recompute_cuts_activations():
     assert grad_branch.update_peak > sharded.update_peak
 
 
+def test_fused_linear_removes_the_logits_and_keeps_a_tile():
+    """3B at TP=1, 2 rows x 4096 tokens, both branches: the logits path holds [4, 4096, 151936] bf16
+    logits and their gradient (9.3 GiB); fused_linear holds a 64 MiB tile's fp32 scratch and the
+    fp32 gradient accumulators [T, H] (4 * 4096 * 2048 * 4 B = 128 MiB) and [4096, H] (32 MiB)."""
+    arch = PRESETS["qwen2_5_vl_3b"]
+    base = RunShape(tp=1, dp=8, micro_batch=2, prompt_len=2048, response_len=2048, masked_grad=True)
+    plain = plan_memory(arch, base)
+    fused = plan_memory(arch, RunShape(**{**base.__dict__, "fused_linear": True}))
+    assert plain.rows["logits"] == 2 * 4 * 4096 * 151936 * 2
+    assert fused.rows["logits"] == 0
+    assert fused.rows["PAPO op scratch"] == 64 * 2**20 + 4 * 2048 * (4 * 4096 + 4096)
+    assert plain.update_peak - fused.update_peak == (plain.rows["logits"] + plain.rows["PAPO op scratch"]
+                                                     - fused.rows["PAPO op scratch"])
+
+
 def test_interleaving_raises_first_stage_activations_by_the_schedule_factor():
     arch = PRESETS["qwen2_5_vl_72b"]
     base = RunShape(tp=8, pp=4, dp=2, micro_batch=1, prompt_len=1024, response_len=1024, images_per_sample=0,
