@@ -5,6 +5,8 @@
     python benchmarks/bench_papo_op.py --tp 2                # gloo ranks via run_distributed
     python benchmarks/bench_papo_op.py --device cuda --T 4096,16384 --V-local 38016,76032,152064
                                                              # GPU grid of the issue (one shard each)
+    python benchmarks/bench_papo_op.py --H 2048 --variants naive,torch,linear
+                                                             # from hidden states, matmuls included
 
 Variants (all compute log p(y), log q(y), KL(p||q), H(p), H(q) and backpropagate into both logit
 tensors with a loss that uses all five):
@@ -14,6 +16,14 @@ tensors with a loss that uses all five):
           backward; called "fused" in earlier tables, and --variants fused still selects it);
   triton: megatron_papo.ops.papo_token_stats(impl="triton") (one Triton kernel per pass; CUDA only,
           skipped on CPU).
+
+From hidden states (``--H`` > 0): the inputs are the output layer's inputs of both branches
+[T, H] and the output weight [V_local, H]; naive / torch / triton first form the logits
+``h @ W.T`` (their matmuls and the logits' memory count), and
+  linear: megatron_papo.ops.linear_papo_token_stats (tiles; the logits never exist).
+Every variant backpropagates into both hidden tensors and the weight. "working MB" = peak extra
+minus the gradients every variant must return ([T, H] twice and [V_local, H]), i.e. the op's own
+memory. The bandwidth floor columns are left empty (the matmuls dominate).
 
 Bandwidth floor. The least traffic any implementation needs: read both [T, V_local] logit tensors
 once in the forward and once in the backward, and write both gradients once, i.e.
@@ -64,21 +74,33 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def _inputs(t: int, v_local: int, vocab_size: int, dtype: torch.dtype, device: str, rank: int):
-    """This rank's logit shards (seeded by rank), and targets / loss weights shared by all ranks."""
+def _inputs(t: int, v_local: int, vocab_size: int, dtype: torch.dtype, device: str, rank: int, h: int = 0):
+    """This rank's inputs (seeded by rank): logit shards, or with ``h`` > 0 hidden states [t, h]
+    of both branches and the weight shard [v_local, h] (logits of std ~3); and targets / loss
+    weights shared by all ranks."""
     gen = torch.Generator(device=device).manual_seed(rank)
-    z = torch.randn(t, v_local, generator=gen, dtype=dtype, device=device).mul_(3)
-    zq = torch.randn(t, v_local, generator=gen, dtype=dtype, device=device).mul_(3)
+    if h > 0:
+        hid = torch.randn(t, h, generator=gen, dtype=dtype, device=device)
+        hidq = torch.randn(t, h, generator=gen, dtype=dtype, device=device)
+        wt = torch.randn(v_local, h, generator=gen, dtype=dtype, device=device).mul_(3 / h**0.5)
+        leaves = (hid.requires_grad_(), hidq.requires_grad_(), wt.requires_grad_())
+    else:
+        z = torch.randn(t, v_local, generator=gen, dtype=dtype, device=device).mul_(3)
+        zq = torch.randn(t, v_local, generator=gen, dtype=dtype, device=device).mul_(3)
+        leaves = (z.requires_grad_(), zq.requires_grad_())
     gen.manual_seed(12345)
     y = torch.randint(0, vocab_size, (t,), generator=gen, device=device)
     w = torch.randn(5, t, generator=gen, device=device)
-    return z.requires_grad_(), zq.requires_grad_(), y, w
+    return leaves, y, w
 
 
-def _step(variant: str, z, zq, y, group, vocab_size: int, chunk_size: int | None):
-    from megatron_papo.ops import papo_token_stats
+def _step(variant: str, leaves, y, group, vocab_size: int, chunk_size: int | None):
+    from megatron_papo.ops import linear_papo_token_stats, papo_token_stats
     from megatron_papo.ops.reference import naive_papo_token_stats
 
+    if variant == "linear":
+        return linear_papo_token_stats(*leaves, y, group, vocab_size, chunk_size=chunk_size)
+    z, zq = leaves if len(leaves) == 2 else (leaves[0] @ leaves[2].T, leaves[1] @ leaves[2].T)
     if variant in ("torch", "triton"):
         return papo_token_stats(z, zq, y, group, vocab_size, chunk_size=chunk_size, impl=variant)
     return naive_papo_token_stats(z, zq, y, group, vocab_size)
@@ -90,18 +112,21 @@ def _loss(s, w):
 
 
 def measure(variant: str, t: int, v_local: int, dtype: torch.dtype, device: str, repeats: int,
-            group: dist.ProcessGroup | None, rank: int, vocab_size: int, chunk_size: int | None) -> dict:
+            group: dist.ProcessGroup | None, rank: int, vocab_size: int, chunk_size: int | None,
+            h: int = 0) -> dict:
     """Time forward and forward+backward; peak extra memory over the inputs. One process, one variant."""
     # warm-up on a few tokens first: the first call of each kernel pages in library code, which
     # would otherwise show up in the RSS peak
-    z, zq, y, w = _inputs(min(t, 8), v_local, vocab_size, dtype, device, rank)
-    _loss(_step(variant, z, zq, y, group, vocab_size, chunk_size), w).backward()
-    z, zq, y, w = _inputs(t, v_local, vocab_size, dtype, device, rank)
+    leaves, y, w = _inputs(min(t, 8), v_local, vocab_size, dtype, device, rank, h)
+    _loss(_step(variant, leaves, y, group, vocab_size, chunk_size), w).backward()
+    leaves, y, w = _inputs(t, v_local, vocab_size, dtype, device, rank, h)
+    returned = sum(x.numel() * x.element_size() for x in leaves)  # the gradients autograd returns
     cuda = device == "cuda"
     fwd_ms, total_ms, peak = [], [], 0
     runs = repeats + (1 if cuda else 0)
     for i in range(runs):
-        z.grad = zq.grad = None
+        for x in leaves:
+            x.grad = None
         if group is not None:
             dist.barrier(group)
         if cuda:
@@ -114,7 +139,7 @@ def measure(variant: str, t: int, v_local: int, dtype: torch.dtype, device: str,
             _reset_peak_rss()
             base = _read_status_kb("VmRSS") * 1024
             t0 = time.perf_counter()
-        s = _step(variant, z, zq, y, group, vocab_size, chunk_size)
+        s = _step(variant, leaves, y, group, vocab_size, chunk_size)
         loss = _loss(s, w)
         if cuda:
             ev[1].record()
@@ -137,14 +162,15 @@ def measure(variant: str, t: int, v_local: int, dtype: torch.dtype, device: str,
         total_ms.append(b)
         peak = max(peak, extra)
     return {"variant": variant, "T": t, "V_local": v_local, "dtype": str(dtype).replace("torch.", ""),
-            "fwd_ms": min(fwd_ms), "fwd_bwd_ms": min(total_ms), "peak_extra_mb": peak / 2**20}
+            "fwd_ms": min(fwd_ms), "fwd_bwd_ms": min(total_ms), "peak_extra_mb": peak / 2**20,
+            "working_mb": (peak - returned) / 2**20}
 
 
 def _rank_fn(rank: int, world: int, variant: str, t: int, v_local: int, dtype_name: str, repeats: int,
-             chunk_size: int | None) -> dict:
+             chunk_size: int | None, h: int = 0) -> dict:
     group = dist.new_group(list(range(world)))
     return measure(variant, t, v_local, getattr(torch, dtype_name), "cpu", repeats, group, rank,
-                   v_local * world, chunk_size)
+                   v_local * world, chunk_size, h)
 
 
 def run_variant(args, variant: str, fixed_mmap: bool) -> dict:
@@ -165,17 +191,19 @@ def run_variant(args, variant: str, fixed_mmap: bool) -> dict:
         os.environ.update(env)  # spawned ranks start fresh interpreters with this environment
         try:
             threads = max(1, (os.cpu_count() or 1) // args.tp)
-            rank_args = (variant, args.T, args.V // args.tp, args.dtype, args.repeats, args.chunk_size)
+            rank_args = (variant, args.T, args.V // args.tp, args.dtype, args.repeats, args.chunk_size,
+                         args.H)
             res = run_distributed(_rank_fn, args.tp, rank_args, timeout=3000, threads_per_rank=threads)
         finally:
             os.environ.clear()
             os.environ.update(saved)
         out = dict(res[0])
-        for key in ("peak_extra_mb", "fwd_ms", "fwd_bwd_ms"):
+        for key in ("peak_extra_mb", "working_mb", "fwd_ms", "fwd_bwd_ms"):
             out[key] = max(r[key] for r in res)
         return out
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--T", str(args.T),
-           "--V", str(args.V), "--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats)]
+           "--V", str(args.V), "--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats),
+           "--H", str(args.H)]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -247,24 +275,28 @@ def _row(args, variant: str, bandwidth: float) -> str:
     """Measure one variant at one grid point (args.T, args.V) and format its table row."""
     v_local = args.V // args.tp
     dtype = getattr(torch, args.dtype)
-    floor = floor_ms(args.T, v_local, dtype, bandwidth)
-    row = f"| {variant} | {args.tp} | {args.T} | {v_local} | {args.dtype} | "
+    floor = f"{floor_ms(args.T, v_local, dtype, bandwidth):.1f}" if not args.H else ""
+    row = f"| {variant} | {args.tp} | {args.T} | {args.H or '-'} | {v_local} | {args.dtype} | "
     if variant == "triton" and args.device != "cuda":
-        return row + "skipped (GPU only) | | | " + f"{floor:.1f} | |"
+        return row + f"skipped (GPU only) | | | | {floor} | |"
+    if variant == "linear" and not args.H:
+        return row + f"needs --H | | | | {floor} | |"
     if variant == "naive" and args.device == "cpu":
         fits, why = _naive_fits(args)
         if not fits:
-            return row + f"skipped | skipped | {why} | {floor:.1f} | |"
+            return row + f"skipped | skipped | {why} | | {floor} | |"
     if args.device == "cuda":
         r = run_variant(args, variant, fixed_mmap=False)
-        peak = r["peak_extra_mb"]
+        peak, working = r.get("peak_extra_mb"), r.get("working_mb")
     else:
-        peak = run_variant(args, variant, fixed_mmap=True)["peak_extra_mb"]
+        mem = run_variant(args, variant, fixed_mmap=True)
+        peak, working = mem.get("peak_extra_mb"), mem.get("working_mb")
         r = run_variant(args, variant, fixed_mmap=False)
     if "error" in r:
-        return row + f"{r['error']} | {r['error']} | | {floor:.1f} | |"
-    ratio = floor / r["fwd_bwd_ms"]
-    return row + f"{r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {peak:.0f} | {floor:.1f} | {ratio:.3f} |"
+        return row + f"{r['error']} | {r['error']} | | | {floor} | |"
+    ratio = f"{float(floor) / r['fwd_bwd_ms']:.3f}" if floor else ""
+    return row + (f"{r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {peak:.0f} | {working:.0f} | {floor} "
+                  f"| {ratio} |")
 
 
 def main() -> None:
@@ -278,9 +310,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--H", type=int, default=0,
+                   help="hidden size: start from hidden states + output weight (0 = from logits)")
     p.add_argument("--variants", default=None,
-                   help="comma list of naive, torch (alias fused), triton; default naive,torch on CPU, "
-                        "naive,torch,triton on CUDA")
+                   help="comma list of naive, torch (alias fused), triton, linear (with --H); default "
+                        "naive,torch on CPU, naive,torch,triton on CUDA")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device == "cuda" and args.tp > 1:
@@ -293,7 +327,7 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
         try:
             r = measure(args.worker, args.T[0], vs[0], getattr(torch, args.dtype), args.device, args.repeats,
-                        None, 0, vs[0], args.chunk_size)
+                        None, 0, vs[0], args.chunk_size, args.H)
         except torch.OutOfMemoryError:
             r = {"error": "out of memory"}
         print(SEP + json.dumps(r), flush=True)
@@ -305,9 +339,9 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# torch {torch.__version__}, nproc {os.cpu_count()}, device {args.device} ({dev}), tp {args.tp}, "
           f"copy bandwidth {bandwidth:.1f} GB/s (read+write)")
-    header = ("| variant | tp | T | V_local | dtype | fwd ms | fwd+bwd ms | peak extra MB | floor ms "
-              "| floor/measured |")
-    print(header + "\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    header = ("| variant | tp | T | H | V_local | dtype | fwd ms | fwd+bwd ms | peak extra MB | working MB "
+              "| floor ms | floor/measured |")
+    print(header + "\n|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for t in args.T:
         for v in vs:
             point = argparse.Namespace(**{**vars(args), "T": t, "V": v})
