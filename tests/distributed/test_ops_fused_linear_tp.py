@@ -56,7 +56,8 @@ def _sharded(rank, world, dtype, masked_weight_grad):
 
 def _all_cases(rank, world):
     return [_sharded(rank, world, dtype, mwg)
-            for dtype in (torch.float64, torch.float32) for mwg in (True, False)]
+            for dtype in (torch.float64, torch.float32) for mwg in (True, False)] + [
+        _sharded(rank, world, torch.bfloat16, True)]
 
 
 def _reference(dtype, masked_weight_grad):
@@ -91,3 +92,23 @@ def test_tp2_equals_the_single_process_composition():
             assert err <= grad_rel * want_w.abs().max().item(), (dtype, mwg, "weight", err)
             assert bool((gw[VOCAB:] == 0).all())
             i += 1
+
+
+def test_tp2_bf16_within_the_first_order_rounding_bound():
+    """bf16 at TP=2 against float64 of the same bf16 inputs, with the unit test's tolerances
+    (tests/unit/test_ops_fused_linear.py: first-order bound of the bf16 logit rounding, tiles
+    summed per shard: 8-token chunks, 16-row blocks)."""
+    from types import SimpleNamespace
+
+    from tests.unit.test_ops_fused_linear import _check
+    from tests.unit.test_ops_fused_linear import _reference as unit_reference
+
+    results = run_distributed(_all_cases, 2)
+    h, hq, w, y, up = _case(torch.bfloat16)
+    ref = unit_reference(h, hq, w, y, up, "grad", vocab=VOCAB)
+    for rank in range(2):
+        vals, grads, _ = results[rank][-1]
+        gw = torch.cat([results[r][-1][2] for r in range(2)])
+        failures = _check(SimpleNamespace(**vals), (grads[0], grads[1], gw), ref, torch.bfloat16,
+                          chunk=8, block=16)
+        assert not failures, (rank, failures)

@@ -50,36 +50,40 @@ def _loss(stats, up, fields=FIELDS):
     return sum((getattr(stats, f).double() * up[f]).sum() for f in fields)
 
 
-def _reference(h, hq, w, y, up, masked="grad"):
+def _reference(h, hq, w, y, up, masked="grad", vocab=VOCAB):
     """float64 values, gradients (hidden, masked_hidden, weight) and per-token value bounds' inputs.
 
     masked: "grad" (both branches differentiated), "hidden" (masked_hidden detached, its logits
     still reach W), "logits" (the masked logits detached: no gradient from that branch)."""
     h64, hq64, w64 = (x.detach().double().requires_grad_(True) for x in (h, hq, w))
     z, zq = h64 @ w64.T, (hq64 if masked == "grad" else hq64.detach()) @ w64.T
-    stats = papo_token_stats(z, zq.detach() if masked == "logits" else zq, y, vocab_size=VOCAB)
+    stats = papo_token_stats(z, zq.detach() if masked == "logits" else zq, y, vocab_size=vocab)
     _loss(stats, up).backward()
     masked_grad = masked == "grad"
     # |d stat_t / d z_tv| per statistic: each token's outputs depend on its own logits only
     sens = {}
     for f in FIELDS:
         zz, zzq = (x.detach().clone().requires_grad_(True) for x in (z, zq))
-        getattr(papo_token_stats(zz, zzq, y, vocab_size=VOCAB), f).sum().backward()
+        getattr(papo_token_stats(zz, zzq, y, vocab_size=vocab), f).sum().backward()
         sens[f] = tuple(torch.zeros_like(x) if x.grad is None else x.grad.abs() for x in (zz, zzq))
     return {"stats": stats, "grads": (h64.grad, hq64.grad if masked_grad else None, w64.grad),
-            "z": (z.detach(), zq.detach()), "sens": sens, "abs": (h64.abs(), hq64.abs(), w64.abs())}
+            "z": (z.detach(), zq.detach()), "sens": sens, "abs": (h64.abs(), hq64.abs(), w64.abs()),
+            "vocab": vocab}
 
 
 def _value_bound(ref, dtype, f):
     u = U[dtype]
     habs, hqabs, wabs = ref["abs"]
-    dz = [u * z.abs() + H * U32 * (a @ wabs.T).detach() for z, a in zip(ref["z"], (habs, hqabs))]
+    hidden, rows = wabs.shape[1], wabs.shape[0]
+    dz = [u * z.abs() + hidden * U32 * (a @ wabs.T).detach() for z, a in zip(ref["z"], (habs, hqabs))]
     first = sum((s * d).sum(-1) for s, d in zip(ref["sens"][f], dz))
     want = getattr(ref["stats"], f).detach()
-    return 2 * first + 8 * PADDED * U32 * (1 + want.abs()), float(max(d.max() for d in dz))
+    return 2 * first + 8 * rows * U32 * (1 + want.abs()), float(max(d.max() for d in dz))
 
 
 def _check(got_stats, got_grads, ref, dtype, chunk=CHUNK, block=BLOCK):
+    """Failures of the op's values / gradients against ``_reference`` (the module's tolerances);
+    ``got_stats`` has the PapoTokenStats fields, ``got_grads`` is (hidden, masked_hidden, weight)."""
     failures = []
     dz_max = 0.0
     for f in FIELDS:
@@ -92,7 +96,8 @@ def _check(got_stats, got_grads, ref, dtype, chunk=CHUNK, block=BLOCK):
             failures.append(f"{f}: max err {(have - want).abs().max().item():.3g} "
                             f"(bound {bound.min().item():.3g}..{bound.max().item():.3g})")
     n_tokens = got_stats.kl.numel()
-    k_for = {0: -(-VOCAB // block), 1: -(-VOCAB // block), 2: -(-n_tokens // chunk)}
+    vocab = ref["vocab"]
+    k_for = {0: -(-vocab // block), 1: -(-vocab // block), 2: -(-n_tokens // chunk)}
     for i, (have, want) in enumerate(zip(got_grads, ref["grads"])):
         if want is None:
             if have is not None:
