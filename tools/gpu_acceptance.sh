@@ -18,7 +18,8 @@
 #      masked branch, a checkpoint, then --resume for one more step (metrics must be finite, no
 #      skipped update, steps 1-4 present once each)
 #   b  the Triton kernel tests compiled (pytest -m gpu tests/unit/test_ops_triton.py) and the op
-#      benchmark grid T in {4096, 16384} x V_local in {38016, 76032, 152064} with floor ratios
+#      benchmark grid T in {4096, 16384} x V_local in {38016, 76032, 152064} with floor ratios, and
+#      the fused linear op against the logits op from hidden states (T 4096, H 2048, V 152064)
 #   c  benchmarks/bench_step.py: GRPO vs PAPO-G vs PAPO-D update step, tokens/s and MFU
 #   d  the memory planner's estimate against torch.cuda.max_memory_allocated() of the stage-a runs
 #
@@ -153,11 +154,25 @@ if timeout "$LIMIT_B" "$PY" benchmarks/bench_papo_op.py "${OP_ARGS[@]}" > "$OUT/
   ok=PASS; else ok=FAIL; fi
 # floor/measured is the last column of every data line of the op table; report its range per variant
 for variant in naive torch triton; do
-  ratios=$(awk -F'|' -v v="$variant" '$2 ~ "^ *"v" *$" {gsub(/ /, "", $11); print $11}' "$OUT/b_op_grid.txt" \
+  ratios=$(awk -F'|' -v v="$variant" '$2 ~ "^ *"v" *$" {r = $(NF-1); gsub(/ /, "", r); print r}' "$OUT/b_op_grid.txt" \
            | sort -g | paste -sd' ' -)
   [[ -n $ratios ]] && row b "op grid, $variant: floor/measured over the grid: ${ratios// /, }" - "$ok"
 done
 grep -q '^| *torch ' "$OUT/b_op_grid.txt" || row b "op grid: no table (see $OUT/b_op_grid.txt)" - FAIL
+# the fused linear op (loss.fused_linear) against the logits op, both from hidden states + weight
+if [[ $MODE == run ]]; then
+  LIN_ARGS=(--device cuda --dtype bfloat16 --T 4096 --V-local 152064 --H 2048 --variants torch,linear)
+else
+  LIN_ARGS=(--device cpu --dtype float32 --T 256 --V-local 1024 --H 64 --variants torch,linear --repeats 1)
+fi
+if timeout "$LIMIT_B" "$PY" benchmarks/bench_papo_op.py "${LIN_ARGS[@]}" > "$OUT/b_linear.txt" 2>&1; then
+  ok=PASS; else ok=FAIL; fi
+for variant in torch linear; do  # columns: fwd+bwd ms = $9, working MB = $11
+  got=$(awk -F'|' -v v="$variant" '$2 ~ "^ *"v" *$" {gsub(/ /, "", $9); gsub(/ /, "", $11); print $9 " ms, working " $11 " MB"}' \
+        "$OUT/b_linear.txt")
+  [[ -n $got ]] && row b "from hidden states, $variant: fwd+bwd $got" - "$ok" \
+    || row b "from hidden states, $variant: no row (see $OUT/b_linear.txt)" - FAIL
+done
 
 # ---------------------------------------------------------------- c: update step, MFU
 if [[ $MODE == run ]]; then

@@ -22,7 +22,8 @@ def test_dry_run_prints_a_full_passing_table(tmp_path):
     assert stages.count("a") == 2 and stages.count("c") == 3 and stages.count("d") == 2 and "b" in stages
     assert all(r.endswith("PASS |") for r in rows), table
     assert "tiny_vlm: steps [1, 2]" in table and "tiny_qwen: steps [1, 2]" in table  # run + resumed step
-    assert "| algorithm | step s | tokens/s |" in table and "| variant | tp | T | V_local |" in table
+    assert "| algorithm | step s | tokens/s |" in table and "| variant | tp | T | H | V_local |" in table
+    assert "from hidden states, linear: fwd+bwd" in table
 
 
 def test_wrong_arguments_exit_2():
