@@ -161,9 +161,9 @@ done
 grep -q '^| *torch ' "$OUT/b_op_grid.txt" || row b "op grid: no table (see $OUT/b_op_grid.txt)" - FAIL
 # the fused linear op (loss.fused_linear) against the logits op, both from hidden states + weight
 if [[ $MODE == run ]]; then
-  LIN_ARGS=(--device cuda --dtype bfloat16 --T 4096 --V-local 152064 --H 2048 --variants torch,linear)
+  LIN_ARGS=(--device cuda --dtype bfloat16 --T 4096 --V-local 152064 --H 2048 --variants "torch,linear")
 else
-  LIN_ARGS=(--device cpu --dtype float32 --T 256 --V-local 1024 --H 64 --variants torch,linear --repeats 1)
+  LIN_ARGS=(--device cpu --dtype float32 --T 256 --V-local 1024 --H 64 --variants "torch,linear" --repeats 1)
 fi
 if timeout "$LIMIT_B" "$PY" benchmarks/bench_papo_op.py "${LIN_ARGS[@]}" > "$OUT/b_linear.txt" 2>&1; then
   ok=PASS; else ok=FAIL; fi
