@@ -170,8 +170,11 @@ if timeout "$LIMIT_B" "$PY" benchmarks/bench_papo_op.py "${LIN_ARGS[@]}" > "$OUT
 for variant in torch linear; do  # columns: fwd+bwd ms = $9, working MB = $11
   got=$(awk -F'|' -v v="$variant" '$2 ~ "^ *"v" *$" {gsub(/ /, "", $9); gsub(/ /, "", $11); print $9 " ms, working " $11 " MB"}' \
         "$OUT/b_linear.txt")
-  [[ -n $got ]] && row b "from hidden states, $variant: fwd+bwd $got" - "$ok" \
-    || row b "from hidden states, $variant: no row (see $OUT/b_linear.txt)" - FAIL
+  if [[ -n $got ]]; then
+    row b "from hidden states, $variant: fwd+bwd $got" - "$ok"
+  else
+    row b "from hidden states, $variant: no row (see $OUT/b_linear.txt)" - FAIL
+  fi
 done
 
 # ---------------------------------------------------------------- c: update step, MFU
