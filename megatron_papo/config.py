@@ -4,7 +4,9 @@
 
 Every section is a dataclass with a docstring under each field (the field's documentation).
 Loading is strict: an unknown key, a value of the wrong type, or a value out of range raises
-`ConfigError` naming the file, the dotted key, what was expected and what was found.
+`ConfigError` naming the file, the dotted key, what was expected and what was found. Every
+int / float field has an entry in `NUMERIC_BOUNDS` (finite, in range; a test keeps the table
+complete), checked before the cross-field rules of `validate`.
 
 `algorithm.name` selects a preset (grpo, dapo, papo_g, papo_d) that fills the `loss:` fields and
 the DAPO group filter; anything written explicitly under `loss:` or on the command line wins.
@@ -17,6 +19,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import re
 import textwrap
 import types
@@ -283,7 +286,7 @@ class CheckpointConfig:
     save_interval: int = 0
     """Save every N steps (0 = only at the end)."""
     keep_last: int = 2
-    """Keep the newest N checkpoints."""
+    """Keep the newest N checkpoints (0 = keep every one)."""
     resume: bool = False
     """Continue from the newest checkpoint in `dir`."""
     init_weights: str | None = None
@@ -582,8 +585,107 @@ def _validate_vllm(cfg: PapoConfig) -> None:
                           f"data.max_prompt_length + rollout.max_new_tokens = {need}")
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The values one numeric config field accepts: finite, in [lo, hi] (ends excluded where
+    marked open, None = unbounded), or one of ``also`` (sentinels such as -1 = off)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple[float, ...] = ()
+
+    def accepts(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    def describe(self) -> str:
+        lo = "-inf" if self.lo is None else repr(self.lo)
+        hi = "inf" if self.hi is None else repr(self.hi)
+        text = f"a finite value in {'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}" \
+               f"{')' if self.hi_open or self.hi is None else ']'}"
+        return text + "".join(f" or {a!r}" for a in self.also)
+
+
+POSITIVE, NON_NEGATIVE, FINITE = Bound(1), Bound(0), Bound()
+UNIT, OPEN_UNIT_LEFT = Bound(0.0, 1.0), Bound(0.0, 1.0, lo_open=True)
+
+# Every int / float field of the tree (tests/unit/test_config.py checks that none is missing).
+# Cross-field rules (divisibility, filter_low < filter_high, lengths within seq_length) stay in
+# `validate`; None stays allowed where the field's type allows it.
+NUMERIC_BOUNDS: dict[str, Bound] = {
+    **{f"model.{k}": POSITIVE for k in ("num_layers", "hidden_size", "num_attention_heads",
+                                        "num_query_groups", "ffn_hidden_size",
+                                        "make_vocab_size_divisible_by", "image_size", "min_pixels",
+                                        "max_pixels")},
+    "model.vocab_size": Bound(2), "model.seq_length": Bound(2),
+    **{f"parallel.{k}": POSITIVE for k in ("tp", "pp", "cp", "vpp")},
+    "algorithm.filter_low": UNIT, "algorithm.filter_high": UNIT,
+    **{f"loss.{k}": NON_NEGATIVE for k in ("gamma", "entropy_coef_orig", "entropy_coef_mask",
+                                           "ref_kl_coef", "gamma_decay_steps")},
+    **{f"loss.{k}": Bound(0.0, lo_open=True) for k in ("ref_kl_clip", "log_ratio_clamp", "kl_prcp_clip")},
+    "loss.clip_ratio_low": Bound(0.0, 1.0, hi_open=True),
+    "loss.clip_ratio_high": Bound(0.0, 10.0, hi_open=True),
+    "loss.clip_ratio_dual": Bound(1.0, lo_open=True), "loss.gamma_final_factor": UNIT,
+    "masking.cell_size": POSITIVE, "masking.ratio": UNIT, "masking.seed": FINITE,
+    "reward.accuracy_weight": NON_NEGATIVE, "reward.format_weight": NON_NEGATIVE,
+    "reward.math_timeout_s": POSITIVE,
+    **{f"rollout.{k}": POSITIVE for k in ("n", "prompts_per_step", "max_new_tokens", "max_batch_size",
+                                          "vllm_max_model_len", "vllm_sync_bucket_mb")},
+    "rollout.temperature": Bound(0.0, lo_open=True), "rollout.top_p": OPEN_UNIT_LEFT,
+    "rollout.top_k": Bound(1, also=(-1,)), "rollout.kv_cache_gb": NON_NEGATIVE,
+    "rollout.gpu_memory_utilization": OPEN_UNIT_LEFT, "rollout.vllm_max_images_per_prompt": NON_NEGATIVE,
+    "rollout.vllm_sleep_level": Bound(1, 2),
+    "data.max_prompt_length": POSITIVE, "data.limit": POSITIVE,
+    **{f"train.{k}": POSITIVE for k in ("steps", "update_prompts", "micro_batch_size", "epochs_per_step",
+                                        "sft_batch_size", "max_consecutive_nonfinite")},
+    # learning rates: Adam steps of more than 1 per unit gradient are a typo, not a setting
+    "train.lr": Bound(0.0, 1.0, lo_open=True), "train.sft_lr": Bound(0.0, 1.0, lo_open=True),
+    "train.warmup_steps": NON_NEGATIVE, "train.weight_decay": UNIT,
+    "train.adam_beta1": Bound(0.0, 1.0, hi_open=True), "train.adam_beta2": Bound(0.0, 1.0, hi_open=True),
+    "train.grad_clip": NON_NEGATIVE, "train.seed": FINITE, "train.sft_warmup_steps": NON_NEGATIVE,
+    "train.sft_prompts": NON_NEGATIVE,
+    "evaluation.num_prompts": NON_NEGATIVE, "evaluation.k": POSITIVE, "evaluation.temperature": NON_NEGATIVE,
+    "evaluation.top_p": OPEN_UNIT_LEFT, "evaluation.interval": Bound(0, also=(-1,)),
+    "checkpoint.save_interval": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE,
+    "logging.log_interval": POSITIVE,
+}
+
+
+def numeric_fields(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Dotted paths of every int / float field of the config tree (PapoConfig by default)."""
+    cls = PapoConfig if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        nested = [a for a in args if dataclasses.is_dataclass(a)]
+        if nested:
+            out += numeric_fields(nested[0], f"{prefix}{f.name}.")
+        elif any(a in (int, float) for a in args):
+            out.append(prefix + f.name)
+    return out
+
+
+def check_numeric_bounds(cfg: PapoConfig) -> None:
+    """Raise ConfigError for the first numeric field outside its ``NUMERIC_BOUNDS`` entry."""
+    for path, bound in NUMERIC_BOUNDS.items():
+        section, name = path.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not isinstance(value, bool) and not bound.accepts(value):
+            raise ConfigError(f"{path}: expected {bound.describe()}, got {value!r}")
+
+
 def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
     """Checks that span sections. Raises ConfigError naming the fields involved."""
+    check_numeric_bounds(cfg)  # first: the rules below divide by and compare these values
     par, model, ro, tr = cfg.parallel, cfg.model, cfg.rollout, cfg.train
     for name in ("tp", "pp", "cp"):
         if getattr(par, name) < 1:
@@ -621,9 +723,10 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
     for name in ("n", "prompts_per_step", "max_new_tokens"):
         if getattr(ro, name) < 1:
             raise ConfigError(f"rollout.{name}: expected >= 1, got {getattr(ro, name)}")
-    if cfg.algorithm.name != "grpo" or cfg.loss.gamma > 0:
-        if ro.n < 2:
-            raise ConfigError(f"rollout.n={ro.n}: group-normalised advantages need n >= 2")
+    if ro.n < 2:  # every algorithm here normalises advantages within a prompt's group
+        raise ConfigError(f"rollout.n={ro.n}: algorithm {cfg.algorithm.name} normalises advantages within "
+                          "each prompt's group of n responses, so n = 1 makes every advantage 0; "
+                          "set rollout.n >= 2")
     if not ro.temperature > 0:
         raise ConfigError(f"rollout.temperature: expected > 0, got {ro.temperature}")
     if not 0 < ro.top_p <= 1:

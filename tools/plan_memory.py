@@ -55,12 +55,12 @@ def architecture_from_config(cfg: Any) -> Architecture:
         elif _preset_of(m.hf_path) is not None:
             arch = PRESETS[_preset_of(m.hf_path)]
         else:
-            raise SystemExit(f"model.hf_path={m.hf_path!r}: no config.json there and not one of "
+            raise ValueError(f"model.hf_path={m.hf_path!r}: no config.json there and not one of "
                              f"{sorted(_HF_NAMES)}; pass --model or --hf-config")
     elif m.name == "tiny_vlm":
         arch = PRESETS["tiny_vlm"]
     else:
-        raise SystemExit(f"model.name={m.name!r} without model.hf_path: pass --model or --hf-config")
+        raise ValueError(f"model.name={m.name!r} without model.hf_path: pass --model or --hf-config")
     sizes = {k: getattr(m, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                                           "vocab_size") if getattr(m, k) is not None}
     if m.num_query_groups is not None:
@@ -106,7 +106,7 @@ def run_from_config(cfg: Any, gpus: int | None) -> dict[str, Any]:
         fields["image_patches"] = patches
     if gpus is not None:
         if gpus % mp:
-            raise SystemExit(f"--gpus {gpus} is not a multiple of tp*pp*cp = {mp}")
+            raise ValueError(f"--gpus {gpus} is not a multiple of tp*pp*cp = {mp}")
         fields["dp"] = gpus // mp
     if cfg.model.transformer_impl == "local":
         fields["impl"] = "local"
@@ -185,9 +185,20 @@ def validate_on_cpu() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 (fits), 1 (does not fit) or 2 (a wrong argument, config or layout: one line)."""
     args = build_parser().parse_args(argv)
     if args.validate:
         return validate_on_cpu()
+    from megatron_papo.config import ConfigError
+
+    try:
+        return _plan(args)
+    except (ValueError, ConfigError) as e:  # ConfigError is a ValueError; named for the reader
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _plan(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {}
     arch: Architecture | None = None
     if args.config:
@@ -201,14 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     elif args.hf_config:
         arch = architecture_from_hf_config(args.hf_config)
     if arch is None:
-        raise SystemExit("pass --model, --hf-config or --config")
+        raise ValueError("pass --model, --hf-config or --config")
     for name in _FLAG_FIELDS:
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
     if args.gpus is not None and "dp" not in fields:
         mp = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
-        fields["dp"] = max(1, args.gpus // mp)
+        if mp < 1 or args.gpus % mp:
+            raise ValueError(f"--gpus {args.gpus} is not a multiple of tp*pp*cp = {mp}")
+        fields["dp"] = args.gpus // mp
     if arch.name == "tiny_vlm":
         fields.setdefault("image_patches", 16)
     run = RunShape(**fields)

@@ -460,9 +460,26 @@ def kv_bytes_per_token(lm: LanguageArch, tp: int) -> int:
     return 2 * lm.num_layers * max(1, lm.num_query_groups // tp) * lm.head_dim * 2
 
 
+def check_layout(arch: Architecture, run: RunShape) -> None:
+    """Raise ValueError (with the reason) for a layout megatron-core cannot build: tp must divide
+    the query heads, the KV heads and the MLP width; pp x vpp the language model's layers."""
+    lm = arch.language
+    for what, n in (("num_attention_heads", lm.num_attention_heads),
+                    ("num_query_groups", lm.num_query_groups), ("ffn_hidden_size", lm.ffn_hidden_size)):
+        if n % run.tp:
+            raise ValueError(f"tp={run.tp} does not divide {arch.name}'s {what}={n}: megatron-core splits "
+                             f"it evenly over the tensor-parallel ranks")
+    stages = run.pp * run.vpp
+    if lm.num_layers % stages:
+        raise ValueError(f"pp={run.pp} x vpp={run.vpp} = {stages} pipeline chunks do not divide "
+                         f"{arch.name}'s num_layers={lm.num_layers}")
+
+
 def plan_memory(arch: Architecture, run: RunShape, gpu_bytes: int | None = None) -> MemoryPlan:
     """The per-GPU plan of the heavier pipeline stage (first vs last), with the vLLM phase when
-    ``run.vllm_mode`` is not none (needs ``gpu_bytes``)."""
+    ``run.vllm_mode`` is not none (needs ``gpu_bytes``). A layout that megatron-core cannot
+    build raises ValueError (:func:`check_layout`)."""
+    check_layout(arch, run)
     stages = ["first"] if run.pp == 1 else ["first", "last"]
     plans = [_stage_plan(arch, run, s) for s in stages]  # type: ignore[arg-type]
     if run.vllm_mode != "none":

@@ -1,5 +1,6 @@
 """Config tree: YAML + dotted overrides, presets, strict validation with specific messages."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,68 @@ def test_every_example_yaml_loads(path):
 
 def test_examples_exist():
     assert EXAMPLES, "examples/*.yaml should exist"
+
+
+def test_every_numeric_field_has_a_bound():
+    """A new int / float field must say what it accepts (config.NUMERIC_BOUNDS)."""
+    from megatron_papo.config import NUMERIC_BOUNDS, numeric_fields
+
+    fields = numeric_fields()
+    assert len(fields) > 60
+    assert sorted(set(fields) - set(NUMERIC_BOUNDS)) == []
+    assert sorted(set(NUMERIC_BOUNDS) - set(fields)) == []
+
+
+def _bad_values(bound, is_int):
+    """Values just outside ``bound`` (and the non-finite ones for float fields)."""
+    out = []
+    if bound.lo is not None:
+        below = bound.lo if bound.lo_open else bound.lo - (1 if is_int else 1e-3)
+        if below not in bound.also:
+            out.append(int(below) if is_int else below)
+    if bound.hi is not None:
+        above = bound.hi if bound.hi_open else bound.hi + (1 if is_int else 1e-3)
+        out.append(int(above) if is_int else above)
+    if not is_int:
+        out += [".nan", ".inf", "-.inf"]
+    return out
+
+
+def _numeric_cases():
+    import typing
+
+    from megatron_papo.config import NUMERIC_BOUNDS, PapoConfig
+
+    cases = []
+    for path, bound in NUMERIC_BOUNDS.items():
+        section, name = path.split(".")
+        cls = typing.get_type_hints(PapoConfig)[section]
+        tp = typing.get_type_hints(cls)[name]
+        is_int = int in (typing.get_args(tp) or (tp,))
+        cases += [(path, v) for v in _bad_values(bound, is_int)]
+    return cases
+
+
+@pytest.mark.parametrize("path,value", _numeric_cases())
+def test_out_of_range_numbers_are_refused_naming_the_field(path, value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{path}={value}"])
+    assert path.split(".")[1] in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.sft_lr=-1e-4", "train.sft_lr: expected a finite value in (0.0, 1.0]"),
+    ("train.lr=1e6", "train.lr"), ("loss.gamma=.nan", "loss.gamma"),
+    ("model.hidden_size=0", "model.hidden_size"), ("model.num_layers=0", "model.num_layers"),
+    ("logging.log_interval=0", "logging.log_interval"), ("rollout.top_k=0", "rollout.top_k"),
+    ("model.vocab_size=1", "model.vocab_size"), ("train.adam_beta2=1.0", "train.adam_beta2"),
+])
+def test_values_a_user_met_are_refused(override, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        load_config(str(Path(__file__).parents[2] / "examples/tiny_papo_g.yaml"), [override])
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "papo_g", "papo_d"])
+def test_one_response_per_prompt_is_refused_for_every_algorithm(name):
+    with pytest.raises(ConfigError, match=f"algorithm {name} normalises advantages"):
+        load_config(None, [f"algorithm.name={name}", "rollout.n=1"])

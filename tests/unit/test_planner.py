@@ -172,3 +172,18 @@ def test_config_image_patches_follow_the_resolution_settings():
                                                              "model.image_size=448"])) == 1024
     assert tool.config_image_patches(load_config(str(qwen), ["model.max_pixels=null"])) == 5120  # default
     assert tool.config_image_patches(load_config(str(root / "examples/tiny_papo_g.yaml"))) is None
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--tp", "3"], "tp=3 does not divide qwen2_5_vl_7b's num_attention_heads=28"),
+    (["--tp", "8"], "tp=8 does not divide qwen2_5_vl_7b's num_attention_heads=28"),
+    (["--tp", "16", "--gpus", "8"], "--gpus 8 is not a multiple of tp*pp*cp = 16"),
+    (["--pp", "5"], "pp=5 x vpp=1 = 5 pipeline chunks do not divide qwen2_5_vl_7b's num_layers=28"),
+    (["--tp", "0"], "RunShape.tp: expected >= 1, got 0"),
+])
+def test_cli_refuses_layouts_megatron_cannot_build_with_one_line_and_exit_2(args, match, capsys):
+    from tools.plan_memory import main
+
+    assert main(["--model", "qwen2_5_vl_7b", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {match}") and err.count("\n") == 1, err  # one line, no traceback
