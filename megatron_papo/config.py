@@ -31,12 +31,13 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_papo.errors import UserError
 from megatron_papo.losses.papo import PapoLossConfig
 from megatron_papo.masking import MaskingConfig
 from megatron_papo.rewards import RewardConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, UserError):
     """A config file or override is wrong; the message names the source, the key and the fix."""
 
 

@@ -68,7 +68,11 @@ def _model_config(hf_path: str | Path, precision: str, image_size: int | None) -
 
 def hf_precision(hf_path: str | Path) -> str:
     """fp32 / bf16 / fp16 of a Hugging Face folder's weights (its config's dtype; fp32 if unset)."""
-    raw = json.loads((Path(hf_path) / "config.json").read_text())
+    config_file = Path(hf_path) / "config.json"
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
     name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     table = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     if name not in table:
@@ -118,7 +122,10 @@ def find_hf_config(megatron_path: str | Path) -> Path:
             return candidate
     ckpt = resolve_checkpoint(root)
     if ckpt is not None and (ckpt / TRAINER_STATE_FILE).is_file():
-        state = json.loads((ckpt / TRAINER_STATE_FILE).read_text())
+        try:
+            state = json.loads((ckpt / TRAINER_STATE_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{ckpt / TRAINER_STATE_FILE}: not valid JSON ({e})") from None
         hf = (state.get("config") or {}).get("model", {}).get("hf_path")
         if hf and (Path(hf) / "config.json").is_file():
             return Path(hf)

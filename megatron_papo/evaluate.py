@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from megatron_papo.cli import Command, Flag, parse_cli
-from megatron_papo.config import ConfigError
 from megatron_papo.distributed import destroy_distributed, init_distributed_from_config, is_rank_zero
+from megatron_papo.errors import exit_on_user_error
 
 COMMAND = Command(
     prog="python -m megatron_papo.evaluate",
@@ -25,15 +25,15 @@ COMMAND = Command(
                 "DIR"),))
 
 
+@exit_on_user_error  # a config / data / checkpoint mistake: "error: <message>", exit 2 (errors.py)
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the model, load a checkpoint (optional), evaluate, print the numbers."""
-    try:
-        args = parse_cli(sys.argv[1:] if argv is None else argv, COMMAND)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    args = parse_cli(sys.argv[1:] if argv is None else argv, COMMAND)
     cfg = args.config
-    from megatron_papo.training.checkpointing import load_checkpoint  # heavy (megatron-core): after the CLI
+    from megatron_papo.training.checkpointing import (  # heavy (megatron-core): after the CLI
+        CheckpointError,
+        load_checkpoint,
+    )
     from megatron_papo.training.evaluation import evaluate  # heavy (megatron-core): after the CLI
     from megatron_papo.training.parts import build_parts  # heavy (megatron-core): after the CLI
 
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt = args.flags.get("--checkpoint") or cfg.checkpoint.dir
     if ckpt:
         if load_checkpoint(ckpt, parts.ddp_chunks, None, pg, load_optimizer=False, load_rng=False) is None:
-            raise SystemExit(f"no checkpoint found under {ckpt}")
+            raise CheckpointError(f"no checkpoint found under {ckpt}")
     out = evaluate(parts, cfg, pg)
     if is_rank_zero():
         for k, v in out.items():

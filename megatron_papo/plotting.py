@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_papo.errors import UserError
 from megatron_papo.training.metrics import read_metrics
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ EVAL_KEYS = ("accuracy", "accuracy_masked")
 """Keys of `plot_comparison`'s eval_table entries: per-seed eval accuracy, original and masked."""
 
 
-class MetricsFileError(ValueError):
+class MetricsFileError(ValueError, UserError):
     """A metrics.jsonl file is missing, empty or not JSON lines."""
 
 

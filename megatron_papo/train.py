@@ -16,8 +16,9 @@ from pathlib import Path
 
 from megatron_papo.cli import Command, Flag, parse_cli
 from megatron_papo.compat.runtime_checks import check_runtime
-from megatron_papo.config import ConfigError, save_config
+from megatron_papo.config import save_config
 from megatron_papo.distributed import destroy_distributed, init_distributed_from_config, is_rank_zero
+from megatron_papo.errors import exit_on_user_error, report_user_error
 
 COMMAND = Command(
     prog="python -m megatron_papo.train",
@@ -32,20 +33,16 @@ COMMAND = Command(
                 "(runs with checkpoint.init_weights=DIR then share it under any layout)", "DIR")))
 
 
+@exit_on_user_error  # a config / data / checkpoint mistake: "error: <message>", exit 2 (errors.py)
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, check the runtime, initialise the process groups, train, print the summary."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    try:
-        args = parse_cli(sys.argv[1:] if argv is None else argv, COMMAND)
-    except ConfigError as e:  # stop before anything starts, with the config's own message
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    args = parse_cli(sys.argv[1:] if argv is None else argv, COMMAND)
     cfg = args.config
     try:  # TE / FP8 / vLLM asked for but missing: stop before any process group or model exists
         check_runtime(cfg)
     except (ImportError, RuntimeError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return report_user_error(e)
     from megatron_papo.plotting import plot_training  # heavy (megatron-core): after the CLI
     from megatron_papo.training.checkpointing import save_checkpoint  # heavy (megatron-core): after the CLI
     from megatron_papo.training.metrics import read_metrics, summarize  # heavy (megatron-core): after the CLI

@@ -17,13 +17,16 @@ def init(tp: int, pp: int, cp: int = 1):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     size = tp * pp * cp
     if world % size:
-        raise SystemExit(f"error: --tp {tp} x --pp {pp} x --cp {cp} = {size} does not divide the {world} "
+        raise ValueError(f"--tp {tp} x --pp {pp} x --cp {cp} = {size} does not divide the {world} "
                          f"processes; run under torchrun --nproc-per-node {size}")
     return init_distributed(tp, pp, cp, seed=1234)
 
 
 def fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    """``error: <message>`` once per job (megatron_papo.errors.report_user_error); returns ``code``."""
+    from megatron_papo.errors import report_user_error
+
+    report_user_error(message)
     return code
 
 

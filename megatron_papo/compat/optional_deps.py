@@ -15,6 +15,8 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 
+from megatron_papo.errors import UserError
+
 __all__ = [
     "MissingDependencyError",
     "have_apex",
@@ -28,7 +30,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Dependency probes (lazy, cached, never raising)
 # ---------------------------------------------------------------------------------------------
-class MissingDependencyError(ImportError):
+class MissingDependencyError(ImportError, UserError):
     """An optional dependency that the requested feature needs is absent or cannot load."""
 
 

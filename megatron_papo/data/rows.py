@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from megatron_papo.errors import UserError
+
 if TYPE_CHECKING:
     from megatron_papo.config import DataConfig
 
@@ -60,7 +62,7 @@ def register_source(source: BuiltinSource) -> BuiltinSource:
     return source
 
 
-class DataError(ValueError):
+class DataError(ValueError, UserError):
     """The data cannot be used at all (missing file or column, every row bad)."""
 
 
@@ -154,7 +156,12 @@ def _check_columns(path: Path, present: list[str], cfg: DataConfig) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _parse_jsonl_line(line: str) -> tuple[dict[str, Any] | None, str | None]:
+def _parse_jsonl_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """One line's record, or None and the reason it is skipped (a bad line is one bad row)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -170,7 +177,7 @@ def _jsonl_rows(path: Path, cfg: DataConfig) -> Iterator[RawRow]:
     A row's number is its 0-based line index in the file (blank lines are skipped, not counted).
     """
     parsed: list[tuple[int, dict[str, Any] | None, str | None]] = []
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:  # decoded line by line: one non-UTF-8 line is one skipped row
         lines = ((i, line) for i, line in enumerate(f) if line.strip())
         for row, line in itertools.islice(lines, cfg.limit):
             parsed.append((row, *_parse_jsonl_line(line)))

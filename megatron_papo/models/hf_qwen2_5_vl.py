@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_papo.distributed import ProcessGroups
+from megatron_papo.errors import UserError
 
 __all__ = [
     "HFCheckpointError",
@@ -72,7 +73,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json
 """Non-weight files of a Hugging Face folder that conversions carry along."""
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(ValueError, UserError):
     """A Hugging Face folder is incomplete or does not match the model (names the file and tensor)."""
 
 

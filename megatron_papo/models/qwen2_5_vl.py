@@ -37,6 +37,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from megatron_papo.errors import UserError
 from megatron_papo.models.base import (
     VisionLanguageModel,
     _to_uint8_chw,
@@ -67,7 +68,7 @@ SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 """Hugging Face ``architectures`` entries this module converts and builds."""
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(ValueError, UserError):
     """The Hugging Face folder holds a model this project cannot build or convert."""
 
 
@@ -87,7 +88,12 @@ def load_hf_config(path: str | Path) -> Any:
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: no such file (model.hf_path / --hf must be a Hugging Face "
                                 "model folder holding config.json)")
-    raw = json.loads(config_file.read_text())
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnsupportedArchitectureError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UnsupportedArchitectureError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
     archs = raw.get("architectures") or []
     model_type = raw.get("model_type")
     if model_type != "qwen2_5_vl" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from megatron_papo.compat import mcore_compat
 from megatron_papo.distributed import ProcessGroups, barrier
+from megatron_papo.errors import UserError
 from megatron_papo.ops.groups import collective_device
 
 __all__ = [
@@ -72,7 +73,7 @@ _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _REQUIRED_FILES = (META_FILE, TRAINER_STATE_FILE, MCORE_METADATA_FILE)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, UserError):
     """A checkpoint is missing, unfinished or cannot be loaded into this run."""
 
 

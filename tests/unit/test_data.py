@@ -162,6 +162,16 @@ def test_every_bad_row_kind_is_skipped_counted_and_named(tmp_path, caplog):
     assert any("kept 2 of 11 rows" in r.getMessage() for r in caplog.records)
 
 
+def test_a_non_utf8_line_is_one_skipped_row(tmp_path):
+    _write_png(tmp_path / "ok.png")
+    good = b'{"image": "ok.png", "problem": "q", "answer": "yes"}\n'
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(good + b'{"image": "ok.png", "problem": "caf\xe9", "answer": "no"}\n' + good)
+    ds = _dataset(path)
+    assert len(ds) == 2 and dict(ds.stats.counts) == {"malformed_row": 1}
+    assert "not UTF-8 (byte 0xe9" in ds.stats.examples[0] and f"{path}:1" in ds.stats.examples[0]
+
+
 def test_corrupt_bytes_and_truncated_files(tmp_path):
     good, truncated = _png_bytes(), _truncated_png()
     (tmp_path / "trunc.png").write_bytes(truncated)

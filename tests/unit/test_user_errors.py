@@ -1,0 +1,101 @@
+"""The user's mistakes end as one line, ``error: <message>``, and exit status 2, through the real
+entry points (megatron_papo/errors.py); the line is printed once per job and node."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_papo import errors
+from megatron_papo.config import ConfigError
+from megatron_papo.data.rows import DataError
+from megatron_papo.errors import UserError, report_user_error
+
+ROOT = Path(__file__).parents[2]
+TINY = ["--config", "examples/tiny_papo_g.yaml", "data.limit=16", "train.steps=1", "evaluation.interval=-1",
+        "logging.tensorboard=false", "logging.progress_bar=false"]
+
+
+def _cli(module: str, *args: str, tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args, f"logging.dir={tmp / 'run'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_the_project_errors_are_user_errors():
+    from megatron_papo.compat.optional_deps import MissingDependencyError
+    from megatron_papo.models.hf_qwen2_5_vl import HFCheckpointError
+    from megatron_papo.models.qwen2_5_vl import UnsupportedArchitectureError
+    from megatron_papo.plotting import MetricsFileError
+    from megatron_papo.training.checkpointing import CheckpointError
+
+    for cls in (ConfigError, DataError, CheckpointError, HFCheckpointError, UnsupportedArchitectureError,
+                MissingDependencyError, MetricsFileError):
+        assert issubclass(cls, UserError), cls
+
+
+def test_a_bad_config_value(tmp_path):
+    _one_error_line(_cli("megatron_papo.train", *TINY, "train.sft_lr=-1e-4", tmp=tmp_path),
+                    "train.sft_lr: expected a finite value in (0.0, 1.0]")
+
+
+def test_a_data_file_that_does_not_exist_after_startup(tmp_path):
+    missing = tmp_path / "nowhere.jsonl"
+    _one_error_line(_cli("megatron_papo.train", *TINY, f"data.train={missing}", tmp=tmp_path), str(missing))
+
+
+def test_a_jsonl_without_the_question_column(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    row = json.dumps({"image": "x.png", "question": "q", "answer": "a"})
+    path.write_text("\n".join([row] * 3))
+    _one_error_line(_cli("megatron_papo.train", *TINY, f"data.train={path}", tmp=tmp_path),
+                    str(path), "problem")
+
+
+def test_evaluate_a_checkpoint_that_does_not_exist(tmp_path):
+    _one_error_line(_cli("megatron_papo.evaluate", *TINY, "--checkpoint", str(tmp_path / "no_ckpt"),
+                         tmp=tmp_path), "no_ckpt")
+
+
+def test_convert_a_config_json_that_is_not_json(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{not json")
+    proc = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    _one_error_line(proc, f"{hf / 'config.json'}: not valid JSON")
+
+
+def test_the_line_is_printed_once_per_job_and_node(monkeypatch, capsys, tmp_path):
+    """Two ranks of one torchrun job (same launcher pid and run id): the first reports, the
+    second is silent; both exit 2. A single process always reports."""
+    monkeypatch.setattr(errors.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    assert report_user_error(ConfigError("x: bad")) == 2
+    assert report_user_error(ConfigError("x: bad")) == 2
+    assert capsys.readouterr().err == "error: x: bad\n"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")  # another job reports again
+    report_user_error(ConfigError("y: bad"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    report_user_error("z: bad")
+    report_user_error("z: bad")
+    assert capsys.readouterr().err == "error: y: bad\nerror: z: bad\nerror: z: bad\n"
+
+
+def test_other_exceptions_keep_their_traceback():
+    @errors.exit_on_user_error
+    def main() -> int:
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        main()
