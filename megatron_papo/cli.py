@@ -60,6 +60,14 @@ DEFAULT_COMMAND = Command(prog="python -m megatron_papo.{train,evaluate}",
                           flags=(Flag("--resume", "continue from the newest checkpoint"),))
 
 
+# Switches that set config fields (the config tree stays the one source the library reads).
+_FLAG_FIELDS: dict[str, tuple[str, ...]] = {
+    "--resume": ("resume",),
+    "--resume-or-start": ("resume", "resume_or_start"),
+    "--resume-allow-changes": ("resume", "resume_allow_changes"),
+}
+
+
 @dataclass
 class CliArgs:
     config: PapoConfig
@@ -71,8 +79,9 @@ class CliArgs:
 def parse_cli(argv: Sequence[str], command: Command = DEFAULT_COMMAND, *,
               stdout: TextIO | None = None) -> CliArgs:
     """Parse argv for ``command``. ``--help`` prints ``command.help()`` and exits 0; a switch flag
-    maps to True, a flag with a metavar takes one value (``--flag V`` or ``--flag=V``); ``--resume``
-    also sets checkpoint.resume=true. Raises ConfigError (naming the flag and the usage) otherwise."""
+    maps to True, a flag with a metavar takes one value (``--flag V`` or ``--flag=V``); ``--resume``,
+    ``--resume-or-start`` and ``--resume-allow-changes`` also set their checkpoint.* fields. Raises
+    ConfigError (naming the flag and the usage) otherwise."""
     switches = {f.name for f in command.flags if f.metavar is None}
     valued = {f.name for f in command.flags if f.metavar is not None}
     path, overrides, flags = None, [], {}
@@ -96,8 +105,9 @@ def parse_cli(argv: Sequence[str], command: Command = DEFAULT_COMMAND, *,
             raise ConfigError(f"unknown flag {arg}\n{command.usage()}")
         else:
             overrides.append(arg)
-    if flags.get("--resume"):
-        overrides.append("checkpoint.resume=true")
+    for flag, fields in _FLAG_FIELDS.items():
+        if flags.get(flag):
+            overrides += [f"checkpoint.{f}=true" for f in fields]
     return CliArgs(config=load_config(path, overrides), config_path=path, overrides=overrides, flags=flags)
 
 

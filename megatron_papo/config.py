@@ -289,7 +289,14 @@ class CheckpointConfig:
     keep_last: int = 2
     """Keep the newest N checkpoints (0 = keep every one)."""
     resume: bool = False
-    """Continue from the newest checkpoint in `dir`."""
+    """Continue from the newest checkpoint in `dir` (``--resume``); none there is an error unless
+    `resume_or_start`."""
+    resume_or_start: bool = False
+    """With `resume`: start fresh when `dir` holds no checkpoint (``--resume-or-start``: a launch
+    line that works for the first run and every restart)."""
+    resume_allow_changes: bool = False
+    """With `resume`: continue although fields that change the maths (RESUME_DRIFT_KEYS) differ from
+    the checkpoint's saved config, logging each (``--resume-allow-changes``); else they stop the run."""
     init_weights: str | None = None
     """Initial model weights: a megatron-core distributed checkpoint (a root with `latest`, or one
     step directory, e.g. from tools/convert_hf_to_megatron.py; resharded to this run's TP/PP), or
@@ -504,6 +511,31 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config (for YAML dumps and checkpoints)."""
     return dataclasses.asdict(cfg)
+
+
+# What a resumed run must share with the checkpoint it continues (sections, or section.field):
+# everything that defines the objective, the model and the data. Steps, logging, evaluation,
+# checkpointing, the parallel layout (checkpoints reshard) and the rollout budget may change.
+RESUME_DRIFT_KEYS: tuple[str, ...] = ("algorithm", "loss", "model", "masking", "reward", "data", "train.seed")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_drift(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"key: saved -> current"`` for every field under RESUME_DRIFT_KEYS that differs between a
+    checkpoint's saved config and this run's (both ``to_dict`` trees); fields the saved config
+    does not have (an older checkpoint) are not compared."""
+    old, new = _flat(saved), _flat(current)
+    keep = [k for k in old if any(k == d or k.startswith(d + ".") for d in RESUME_DRIFT_KEYS)]
+    return [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in keep if old[k] != new.get(k)]
 
 
 def save_config(cfg: PapoConfig, path: str | Path) -> None:
@@ -772,6 +804,9 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"model.image_size: expected a positive integer, got {model.image_size}")
     if cfg.checkpoint.resume and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.resume: needs checkpoint.dir")
+    for name in ("resume_or_start", "resume_allow_changes"):
+        if getattr(cfg.checkpoint, name) and not cfg.checkpoint.resume:
+            raise ConfigError(f"checkpoint.{name}: needs checkpoint.resume (--resume)")
     if cfg.data.max_prompt_length + ro.max_new_tokens > model.seq_length:
         raise ConfigError(f"data.max_prompt_length ({cfg.data.max_prompt_length}) + rollout.max_new_tokens "
                           f"({ro.max_new_tokens}) exceeds model.seq_length ({model.seq_length})")

@@ -28,7 +28,10 @@ COMMAND = Command(
              "images. One process on a CPU, or several ranks under torchrun (tensor, pipeline, context\n"
              "parallel). Writes metrics.jsonl, TensorBoard events, training.png, config.yaml and\n"
              "megatron-core distributed checkpoints."),
-    flags=(Flag("--resume", "continue from the newest checkpoint under checkpoint.dir"),
+    flags=(Flag("--resume", "continue from the newest checkpoint under checkpoint.dir (none there: error)"),
+           Flag("--resume-or-start", "like --resume, but start fresh when checkpoint.dir has no checkpoint"),
+           Flag("--resume-allow-changes", "like --resume, and continue although loss / model / data / "
+                "algorithm / seed fields differ from the checkpoint's config (each is logged)"),
            Flag("--save-init", "write the freshly initialised model as a checkpoint to DIR and exit "
                 "(runs with checkpoint.init_weights=DIR then share it under any layout)", "DIR")))
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_papo.config import PapoConfig, to_dict
+from megatron_papo.config import PapoConfig, resume_drift, to_dict
 from megatron_papo.distributed import ProcessGroups, is_rank_zero
 from megatron_papo.losses import PapoLossConfig, token_mean
 from megatron_papo.ops import global_token_count, linear_vocab_parallel_log_probs, vocab_parallel_log_probs
@@ -36,7 +36,12 @@ from megatron_papo.training.batch import (
     pad_columns,
     pad_rows_to_multiple,
 )
-from megatron_papo.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_papo.training.checkpointing import (
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from megatron_papo.training.evaluation import evaluate
 from megatron_papo.training.metrics import MetricsLogger, ProgressBar, reduce_step_metrics
 from megatron_papo.training.optim import (
@@ -264,18 +269,54 @@ def _sync_reference(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, *, resumed
         save_checkpoint(_ref_dir(cfg), 0, parts.ref_chunks, None, {"step": 0}, pg, keep_last=1)
 
 
+def resume_point(cfg: PapoConfig) -> Path | None:
+    """The checkpoint this run continues (None: a fresh start), said in one line on rank 0.
+
+    ``checkpoint.resume`` with no checkpoint under ``checkpoint.dir`` is a CheckpointError (a
+    mistyped dir must not silently start over) unless ``checkpoint.resume_or_start``."""
+    ckpt_dir = cfg.checkpoint.dir
+    found = None
+    if cfg.checkpoint.resume:
+        found = resolve_checkpoint(ckpt_dir) if Path(ckpt_dir).exists() else None
+        if found is None and not cfg.checkpoint.resume_or_start:
+            raise CheckpointError(f"--resume: no checkpoint under {ckpt_dir} (checkpoint.dir); pass "
+                                  "--resume-or-start to start fresh when there is none")
+    if is_rank_zero():
+        if found is not None:
+            _log.info("resuming from %s", found)
+        else:
+            _log.info("starting fresh (%s)", f"no checkpoint under {ckpt_dir}" if cfg.checkpoint.resume
+                      else "no --resume")
+    return found
+
+
+def _check_resume_drift(cfg: PapoConfig, state: dict[str, Any], ckpt: Path) -> None:
+    """Stop (CheckpointError) when fields that change the maths differ from the checkpoint's saved
+    config, unless ``checkpoint.resume_allow_changes`` (then each is logged)."""
+    drift = resume_drift(state.get("config") or {}, to_dict(cfg))
+    if drift and not cfg.checkpoint.resume_allow_changes:
+        raise CheckpointError(f"{ckpt}: this run differs from the checkpoint's config in fields that change "
+                              f"the maths: {'; '.join(drift)}. Restore them, or pass --resume-allow-changes")
+    if is_rank_zero():
+        for line in drift:
+            _log.warning("resuming with a changed field (--resume-allow-changes): %s", line)
+
+
 def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> TrainResult:
     """Run the whole job: [resume] -> [SFT warm start] -> RL steps (+ checkpoints, eval) -> summary."""
+    found = resume_point(cfg)  # before the model is built: a wrong dir fails in a second
     parts = parts or build_parts(cfg, pg)
     run_dir = Path(cfg.logging.dir)
     start, phase = 0, "sft" if cfg.train.sft_warmup_steps > 0 else "rl"
     state = None
-    if cfg.checkpoint.resume and Path(cfg.checkpoint.dir).exists():  # else: a first run, nothing yet
-        state = load_checkpoint(cfg.checkpoint.dir, parts.ddp_chunks, parts.optimizer, pg)
-        if state is not None:
-            start, phase = int(state["step"]), state["phase"]
-            parts.sampler.load_state_dict(state["sampler"])
-            parts.lr_schedule.load_state_dict(state["lr_schedule"])
+    if found is not None:
+        state = load_checkpoint(found, parts.ddp_chunks, parts.optimizer, pg)
+        _check_resume_drift(cfg, state, found)
+        start, phase = int(state["step"]), state["phase"]
+        parts.sampler.load_state_dict(state["sampler"])
+        parts.lr_schedule.load_state_dict(state["lr_schedule"])
+        if is_rank_zero():
+            _log.info("resumed at step %d (%s phase)", start, phase)
     if state is None and cfg.checkpoint.init_weights:  # a fresh run (nothing to resume yet)
         init_weights(parts, cfg, pg)
     logger = MetricsLogger(run_dir, enabled=is_rank_zero(), tensorboard=cfg.logging.tensorboard,

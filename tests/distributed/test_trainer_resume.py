@@ -45,8 +45,8 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     subprocess.run(_cmd(full), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
 
     crashed = tmp_path / "crashed"
-    # started with --resume on an empty checkpoint dir: a first run must simply start fresh
-    proc = subprocess.Popen(_cmd(crashed, "--resume"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    # started with --resume-or-start on an empty checkpoint dir: a first run simply starts fresh
+    proc = subprocess.Popen(_cmd(crashed, "--resume-or-start"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while _latest_step(crashed / "ckpt") < 3 and proc.poll() is None and time.time() < deadline:

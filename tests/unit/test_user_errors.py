@@ -99,3 +99,29 @@ def test_other_exceptions_keep_their_traceback():
 
     with pytest.raises(KeyError):
         main()
+
+
+def _train(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    return _cli("megatron_papo.train", *TINY, "train.sft_warmup_steps=0", "rollout.prompts_per_step=2",
+                "train.update_prompts=2", "rollout.n=2", "rollout.max_new_tokens=4",
+                "train.micro_batch_size=4", "model.num_layers=1", f"checkpoint.dir={tmp / 'ckpt'}", *extra,
+                tmp=tmp)
+
+
+def test_resume_says_where_it_starts_and_refuses_a_missing_checkpoint_or_a_changed_objective(tmp_path):
+    """--resume into a dir without a checkpoint stops (a mistyped dir must not start over);
+    --resume-or-start starts fresh and says so; a later --resume says where it continues, and
+    stops when a field that changes the maths differs, unless --resume-allow-changes."""
+    _one_error_line(_train(tmp_path, "--resume"), f"--resume: no checkpoint under {tmp_path / 'ckpt'}",
+                    "--resume-or-start")
+    first = _train(tmp_path, "--resume-or-start")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"starting fresh (no checkpoint under {tmp_path / 'ckpt'})" in first.stderr
+    more = _train(tmp_path, "--resume", "train.steps=2")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resuming from " in more.stderr and "resumed at step 1" in more.stderr
+    _one_error_line(_train(tmp_path, "--resume", "train.steps=3", "loss.gamma=0.5"),
+                    "loss.gamma: 0.02 -> 0.5", "--resume-allow-changes")
+    allowed = _train(tmp_path, "--resume-allow-changes", "train.steps=3", "loss.gamma=0.5")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "resuming with a changed field (--resume-allow-changes): loss.gamma: 0.02 -> 0.5" in allowed.stderr
