@@ -22,7 +22,8 @@ COMMAND = Command(
              "the policy relies on the image) and the format reward. Prompts are split over\n"
              "data-parallel ranks. Without --checkpoint, checkpoint.dir is read."),
     flags=(Flag("--checkpoint", "checkpoint root or step folder to evaluate (default: checkpoint.dir)",
-                "DIR"),))
+                "DIR"),
+           Flag("--random-init", "evaluate the freshly initialised model (no checkpoint: a baseline)")))
 
 
 @exit_on_user_error  # a config / data / checkpoint mistake: "error: <message>", exit 2 (errors.py)
@@ -40,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pg = init_distributed_from_config(cfg.parallel, seed=cfg.train.seed)
     parts = build_parts(cfg, pg)
     ckpt = args.flags.get("--checkpoint") or cfg.checkpoint.dir
+    if not ckpt and not args.flags.get("--random-init"):
+        raise CheckpointError("nothing to evaluate: pass --checkpoint DIR or set checkpoint.dir (or "
+                              "--random-init to score the untrained model on purpose)")
     if ckpt:
         if load_checkpoint(ckpt, parts.ddp_chunks, None, pg, load_optimizer=False, load_rng=False) is None:
             raise CheckpointError(f"no checkpoint found under {ckpt}")

@@ -283,9 +283,13 @@ def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
                                        kv_cache_bytes_per_token=kv_cache_bytes_per_token(
                                            chunks[0].config, local_layers, pg.tp_size),
                                        kv_cache_gb=ro.kv_cache_gb)
+    extra: dict[str, Any] = {}
+    if cfg.evaluation.interval >= 0:  # the run evaluates: a bad eval file fails now, not after training
+        extra["eval_dataset"] = build_prompt_dataset(cfg.data.eval, cfg.data, tok, model.num_image_tokens,
+                                                     role="eval")
     return Parts(tokenizer=tok, model_chunks=chunks, ddp_chunks=ddp_chunks, optimizer=optimizer,
                  lr_schedule=LrSchedule.from_config(cfg.train), engine=engine, dataset=dataset,
-                 rl_indices=rl_idx, sft_indices=sft_idx, sampler=sampler, ref_chunks=ref)
+                 rl_indices=rl_idx, sft_indices=sft_idx, sampler=sampler, ref_chunks=ref, extra=extra)
 
 
 

@@ -125,3 +125,19 @@ def test_resume_says_where_it_starts_and_refuses_a_missing_checkpoint_or_a_chang
     allowed = _train(tmp_path, "--resume-allow-changes", "train.steps=3", "loss.gamma=0.5")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert "resuming with a changed field (--resume-allow-changes): loss.gamma: 0.02 -> 0.5" in allowed.stderr
+
+
+def test_evaluate_without_a_checkpoint_refuses_unless_random_init(tmp_path):
+    _one_error_line(_cli("megatron_papo.evaluate", *TINY, "evaluation.num_prompts=2", "evaluation.k=1",
+                         tmp=tmp_path), "nothing to evaluate", "--random-init")
+    ok = _cli("megatron_papo.evaluate", *TINY, "evaluation.num_prompts=2", "evaluation.k=1", "--random-init",
+              tmp=tmp_path)
+    assert ok.returncode == 0 and "eval/accuracy" in ok.stdout, ok.stderr[-2000:]
+
+
+def test_a_missing_eval_file_stops_the_run_before_its_first_step(tmp_path):
+    missing = tmp_path / "eval.jsonl"
+    proc = _cli("megatron_papo.train", *TINY, "evaluation.interval=0", f"data.eval={missing}", tmp=tmp_path)
+    _one_error_line(proc, str(missing))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text()  # stopped before any step
