@@ -11,6 +11,7 @@ Layout of one checkpoint root::
         checkpoint.json           # step, parallel layout, megatron-core version, format
         trainer_state.json        # the trainer's own JSON state (step, samples, sampler, config)
         rng/rank_{r}.pt           # per-rank python/numpy/torch/CUDA + megatron RNG-tracker states
+        manifest.json             # size and sha256 of every file above, written last
       .tmp_step_00000060/         # a save in progress (or a crashed one): never loaded
 
 Atomicity: every rank writes into ``root/.tmp_step_<step>``; after a barrier rank 0 renames it to
@@ -22,11 +23,19 @@ several chunks, as Megatron-LM) and ``"optimizer": optimizer.sharded_state_dict(
 with the ``fully_reshardable`` distributed-optimizer format, so the model (and optimizer) can be
 loaded under another TP/PP/DP layout. The RNG states are restored only under the same layout.
 
+Integrity: after every rank has written, the files are hashed (sha256, each rank a share of
+them) and rank 0 writes ``manifest.json`` before the rename. :func:`verify_checkpoint` re-reads
+them the same way; :func:`load_checkpoint` verifies before it reads (a bit flip, a truncated or a
+missing file is a CheckpointError naming the file), and the trainer's resume moves on to the
+newest intact checkpoint that ``keep_last`` kept. A checkpoint without a manifest (written
+before this format) loads with a warning.
+
 The paths must be on a filesystem that every rank sees.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -54,6 +63,7 @@ __all__ = [
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "verify_checkpoint",
 ]
 
 FORMAT_VERSION = 1
@@ -61,6 +71,7 @@ LATEST_FILE = "latest"
 META_FILE = "checkpoint.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 RNG_DIR = "rng"
+MANIFEST_FILE = "manifest.json"
 MCORE_METADATA_FILE = "metadata.json"  # written by megatron-core's dist_checkpointing
 TMP_PREFIX = ".tmp_"
 OPTIMIZER_METADATA = {
@@ -330,6 +341,68 @@ def _check_finite_parameters(model_chunks: list[torch.nn.Module], pg: ProcessGro
                               "(the newest checkpoint on disk is the last finite one)")
 
 
+def _sha256(path: Path, block: int = 16 * 2**20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _shared_work(items: list[Any], fn: Any, pg: ProcessGroups) -> dict[str, Any]:
+    """``{key: value}`` of ``fn(item) -> (key, value)`` over ``items``, each rank doing every
+    world_size-th item, merged on every rank (one all_gather_object over ``pg.world``)."""
+    world = dist.get_world_size(pg.world) if dist.is_initialized() else 1
+    rank = dist.get_rank(pg.world) if dist.is_initialized() else 0
+    mine = dict(fn(item) for item in items[rank::world])
+    if world == 1:
+        return mine
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine, group=pg.world)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def _files(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def _write_manifest(ckpt: Path, pg: ProcessGroups) -> None:
+    """Hash every file of ``ckpt`` (collective: each rank a share) and write the manifest (rank 0)."""
+    digests = _shared_work(_files(ckpt),
+                           lambda p: (p.relative_to(ckpt).as_posix(), [p.stat().st_size, _sha256(p)]), pg)
+    if pg.rank == 0:
+        (ckpt / MANIFEST_FILE).write_text(json.dumps({"sha256": dict(sorted(digests.items()))}, indent=1))
+
+
+def verify_checkpoint(ckpt: str | os.PathLike, pg: ProcessGroups) -> str | None:
+    """Collective over ``pg.world``: None when every file the manifest lists is there with its
+    size and sha256; else the first problem ("<file>: missing" / "size ..." / "sha256 differs" /
+    "manifest unreadable"). A checkpoint without a manifest (an older format) passes with a warning."""
+    ckpt = Path(ckpt)
+    manifest = ckpt / MANIFEST_FILE
+    if not manifest.is_file():
+        warnings.warn(f"checkpoint {ckpt} has no {MANIFEST_FILE} (written before integrity manifests): "
+                      "loaded unverified", stacklevel=2)
+        return None
+    try:
+        listed = json.loads(manifest.read_text())["sha256"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        return f"{manifest}: unreadable ({e})"
+
+    def check(item: tuple[str, list[Any]]) -> tuple[str, str | None]:
+        name, (size, digest) = item
+        path = ckpt / name
+        if not path.is_file():
+            return name, f"{path}: missing"
+        if path.stat().st_size != size:
+            return name, f"{path}: {path.stat().st_size} bytes, the manifest says {size}"
+        return name, None if _sha256(path) == digest else f"{path}: sha256 differs from the manifest"
+
+    problems = _shared_work(sorted(listed.items()), check, pg)
+    bad = [problems[name] for name in sorted(problems) if problems[name] is not None]
+    return bad[0] if bad else None
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, model_chunks: list[torch.nn.Module],
                     optimizer: Any | None, trainer_state: dict[str, Any], pg: ProcessGroups, *,
                     keep_last: int) -> Path:
@@ -368,6 +441,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model_chunks: list[torch
         (tmp / TRAINER_STATE_FILE).write_text(trainer_json)
         (tmp / META_FILE).write_text(meta_json)
     barrier(pg.world)  # every rank has finished writing into tmp
+    _write_manifest(tmp, pg)  # last: it covers every file above
 
     if pg.rank == 0:
         _publish(tmp, final)
@@ -395,7 +469,7 @@ def _load_rng(ckpt: Path, meta: dict[str, Any], pg: ProcessGroups) -> bool:
 
 def load_checkpoint(root_or_dir: str | os.PathLike, model_chunks: list[torch.nn.Module],
                     optimizer: Any | None, pg: ProcessGroups, *, load_optimizer: bool = True,
-                    load_rng: bool = True) -> dict[str, Any] | None:
+                    load_rng: bool = True, verify: bool = True) -> dict[str, Any] | None:
     """Load a checkpoint into ``model_chunks`` (and ``optimizer``); collective over all ranks.
 
     Args:
@@ -406,18 +480,23 @@ def load_checkpoint(root_or_dir: str | os.PathLike, model_chunks: list[torch.nn.
         load_optimizer: restore the optimizer state (else only the model; the optimizer's main
             parameters are refreshed from the loaded model).
         load_rng: restore this rank's RNG states (skipped with a warning under another layout).
+        verify: check every file against the manifest first (:func:`verify_checkpoint`); False
+            when the caller has just done so.
 
     Returns:
         The saved trainer state, or None when ``root_or_dir`` holds no checkpoint.
 
     Raises:
         CheckpointError: missing path, ``latest`` naming a missing or partial checkpoint, a
-            temporary (``.tmp_*``) directory, or a checkpoint without optimizer state when
-            ``load_optimizer`` is requested.
+            temporary (``.tmp_*``) directory, a file that fails the integrity check, or a
+            checkpoint without optimizer state when ``load_optimizer`` is requested.
     """
     ckpt = resolve_checkpoint(root_or_dir)
     if ckpt is None:
         return None
+    problem = verify_checkpoint(ckpt, pg) if verify else None
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {problem}")
     meta = json.loads((ckpt / META_FILE).read_text())
     with_optimizer = optimizer is not None and load_optimizer
     if with_optimizer and meta.get("optimizer") is None:

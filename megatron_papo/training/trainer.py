@@ -38,9 +38,11 @@ from megatron_papo.training.batch import (
 )
 from megatron_papo.training.checkpointing import (
     CheckpointError,
+    list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from megatron_papo.training.evaluation import evaluate
 from megatron_papo.training.metrics import MetricsLogger, ProgressBar, reduce_step_metrics
@@ -269,15 +271,35 @@ def _sync_reference(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, *, resumed
         save_checkpoint(_ref_dir(cfg), 0, parts.ref_chunks, None, {"step": 0}, pg, keep_last=1)
 
 
-def resume_point(cfg: PapoConfig) -> Path | None:
+def _newest_intact(ckpt_dir: str, pg: ProcessGroups) -> Path | None:
+    """The newest checkpoint under ``ckpt_dir`` that passes its integrity check (``latest`` first,
+    then the older ones ``keep_last`` kept), each damaged one named in a warning; None when there
+    is none at all; CheckpointError when there are some but none is intact."""
+    latest = resolve_checkpoint(ckpt_dir) if Path(ckpt_dir).exists() else None
+    if latest is None:
+        return None
+    candidates = [latest] + [c for c in reversed(list_checkpoints(ckpt_dir)) if c != latest]
+    problems = []
+    for ckpt in candidates:
+        problem = verify_checkpoint(ckpt, pg)
+        if problem is None:
+            return ckpt
+        problems.append(problem)
+        if is_rank_zero():
+            _log.warning("checkpoint %s is damaged (%s); trying an older one", ckpt, problem)
+    raise CheckpointError(f"no intact checkpoint under {ckpt_dir}: " + "; ".join(problems))
+
+
+def resume_point(cfg: PapoConfig, pg: ProcessGroups) -> Path | None:
     """The checkpoint this run continues (None: a fresh start), said in one line on rank 0.
 
     ``checkpoint.resume`` with no checkpoint under ``checkpoint.dir`` is a CheckpointError (a
-    mistyped dir must not silently start over) unless ``checkpoint.resume_or_start``."""
+    mistyped dir must not silently start over) unless ``checkpoint.resume_or_start``; a damaged
+    newest checkpoint gives way to the newest intact one (collective: the integrity check)."""
     ckpt_dir = cfg.checkpoint.dir
     found = None
     if cfg.checkpoint.resume:
-        found = resolve_checkpoint(ckpt_dir) if Path(ckpt_dir).exists() else None
+        found = _newest_intact(ckpt_dir, pg)
         if found is None and not cfg.checkpoint.resume_or_start:
             raise CheckpointError(f"--resume: no checkpoint under {ckpt_dir} (checkpoint.dir); pass "
                                   "--resume-or-start to start fresh when there is none")
@@ -304,13 +326,13 @@ def _check_resume_drift(cfg: PapoConfig, state: dict[str, Any], ckpt: Path) -> N
 
 def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> TrainResult:
     """Run the whole job: [resume] -> [SFT warm start] -> RL steps (+ checkpoints, eval) -> summary."""
-    found = resume_point(cfg)  # before the model is built: a wrong dir fails in a second
+    found = resume_point(cfg, pg)  # before the model is built: a wrong dir fails in seconds
     parts = parts or build_parts(cfg, pg)
     run_dir = Path(cfg.logging.dir)
     start, phase = 0, "sft" if cfg.train.sft_warmup_steps > 0 else "rl"
     state = None
     if found is not None:
-        state = load_checkpoint(found, parts.ddp_chunks, parts.optimizer, pg)
+        state = load_checkpoint(found, parts.ddp_chunks, parts.optimizer, pg, verify=False)  # just verified
         _check_resume_drift(cfg, state, found)
         start, phase = int(state["step"]), state["phase"]
         parts.sampler.load_state_dict(state["sampler"])

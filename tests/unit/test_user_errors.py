@@ -141,3 +141,35 @@ def test_a_missing_eval_file_stops_the_run_before_its_first_step(tmp_path):
     _one_error_line(proc, str(missing))
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert not metrics.exists() or not metrics.read_text()  # stopped before any step
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_never_read_and_resume_falls_back_to_an_intact_one(tmp_path):
+    """One flipped bit in the newest checkpoint's largest file: --resume names it and continues
+    from the previous checkpoint (keep_last kept it); with every checkpoint damaged (a flipped
+    bit, a truncated file) it stops with one line; evaluate refuses a damaged checkpoint."""
+    ckpt = tmp_path / "ckpt"
+    keep = ("checkpoint.save_interval=1", "checkpoint.keep_last=2")
+    first = _train(tmp_path, "train.steps=2", *keep)
+    assert first.returncode == 0, first.stderr[-3000:]
+    step1, step2 = ckpt / "step_00000001", ckpt / "step_00000002"
+    assert (step2 / "manifest.json").is_file()
+    biggest = max((p for p in step2.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    _flip_a_byte(biggest)
+    again = _train(tmp_path, "--resume", "train.steps=2", *keep)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"checkpoint {step2} is damaged ({biggest}: sha256 differs from the manifest)" in again.stderr
+    assert f"resuming from {step1}" in again.stderr and "resumed at step 1" in again.stderr
+    # the rerun step 2 replaced the damaged one: now damage both
+    _flip_a_byte(max((p for p in step2.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size))
+    victim = next(step1.rglob("*.distcp"))
+    victim.write_bytes(victim.read_bytes()[:-7])
+    _one_error_line(_train(tmp_path, "--resume", "train.steps=3"), f"no intact checkpoint under {ckpt}",
+                    f"{victim}: ")
+    _one_error_line(_cli("megatron_papo.evaluate", *TINY, "model.num_layers=1", "--checkpoint", str(step1),
+                         tmp=tmp_path), f"checkpoint {step1} is damaged")
