@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -101,7 +102,11 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
-                 resume: bool = False) -> None:
+                 resume: bool = False, resume_step: int | None = None) -> None:
+        """``resume``: append to the file; with ``resume_step`` (the checkpoint's step) its rows past
+        that step (a killed run's steps after its last checkpoint) are dropped first, so each
+        step appears once. A fresh run never deletes an earlier file: it is moved aside
+        (``metrics.jsonl.prev-<n>``) and the move is printed."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
@@ -110,8 +115,11 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and self.path.exists():
-            self.path.unlink()
+        if self.path.exists():
+            if not resume:
+                self._move_aside()
+            elif resume_step is not None:
+                self._drop_rows_after(resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -119,6 +127,32 @@ class MetricsLogger:
                 self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
             except ImportError as e:
                 print(f"[megatron_papo] TensorBoard disabled ({e}); metrics still go to {self.path}")
+
+    def _move_aside(self) -> None:
+        n = 1
+        while (old := self.path.with_name(f"{self.path.name}.prev-{n}")).exists():
+            n += 1
+        self.path.rename(old)
+        print(f"[megatron_papo] {self.path} held an earlier run's metrics: moved to {old}")
+
+    def _drop_rows_after(self, step: int) -> None:
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a killed writer
+                dropped += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(x + "\n" for x in kept))
+            os.replace(tmp, self.path)
+            print(f"[megatron_papo] {self.path}: dropped {dropped} row(s) past step {step} (logged "
+                  "after the checkpoint this run resumes from)")
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Append `metrics` for `step` (floats; non-finite values are written as null)."""

@@ -342,7 +342,7 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
     if state is None and cfg.checkpoint.init_weights:  # a fresh run (nothing to resume yet)
         init_weights(parts, cfg, pg)
     logger = MetricsLogger(run_dir, enabled=is_rank_zero(), tensorboard=cfg.logging.tensorboard,
-                           resume=cfg.checkpoint.resume and start > 0)
+                           resume=cfg.checkpoint.resume and start > 0, resume_step=start)
     sft_steps, total = cfg.train.sft_warmup_steps, cfg.train.sft_warmup_steps + cfg.train.steps
     bar = ProgressBar(total, initial=start, enabled=is_rank_zero() and cfg.logging.progress_bar)
     metrics: dict[str, float] = {}

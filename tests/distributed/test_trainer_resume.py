@@ -66,3 +66,6 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
         for k in present:
             assert b[step][k] == pytest.approx(a[step][k], rel=1e-6, abs=1e-7), (step, k)
     assert _latest_step(crashed / "ckpt") == TOTAL
+    # each step once: the rows the killed run logged after its checkpoint were dropped on resume
+    steps = [json.loads(x)["step"] for x in (crashed / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(steps) == sorted(set(steps)), steps

@@ -57,3 +57,27 @@ def test_sum_mode_adds_shares_and_keeps_constants():
     assert out["gamma"] == pytest.approx(0.02)
     with pytest.raises(ValueError, match="mode"):
         reduce_step_metrics(mbs, mode="mean")
+
+
+def test_a_fresh_run_moves_an_earlier_metrics_file_aside_never_deletes_it(tmp_path, capsys):
+    MetricsLogger(tmp_path, tensorboard=False).log(1, {"a": 1.0})
+    MetricsLogger(tmp_path, tensorboard=False).log(1, {"a": 2.0})
+    MetricsLogger(tmp_path, tensorboard=False).log(1, {"a": 3.0})
+    assert [r["a"] for r in read_metrics(tmp_path / "metrics.jsonl.prev-1")] == [1.0]
+    assert [r["a"] for r in read_metrics(tmp_path / "metrics.jsonl.prev-2")] == [2.0]
+    assert [r["a"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [3.0]
+    assert f"moved to {tmp_path / 'metrics.jsonl.prev-2'}" in capsys.readouterr().out
+
+
+def test_resume_drops_the_rows_logged_after_the_checkpoint(tmp_path, capsys):
+    """A run killed after logging steps 3 and 4 (and half a line) but checkpointed at step 2:
+    resuming from step 2 keeps rows 1-2, so each step appears once."""
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3, 4):
+        log.log(step, {"a": float(step)})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "a"')
+    MetricsLogger(tmp_path, tensorboard=False, resume=True, resume_step=2).log(3, {"a": 30.0})
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["a"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert "dropped 3 row(s) past step 2" in capsys.readouterr().out
