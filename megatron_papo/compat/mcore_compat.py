@@ -83,6 +83,7 @@ __all__ = [
     "MissingDependencyError",
     "applied_patches",
     "apply_cpu_patches",
+    "cp_group_cleared",
     "cross_entropy_takes_tp_group",
     "dist_ckpt_load",
     "dist_ckpt_save",
@@ -523,8 +524,16 @@ def rotary_tables_unsharded(module: Any) -> Iterator[None]:
         RotaryEmbedding,
     )
 
-    saved = [(m, m.cp_group) for m in module.modules()
-             if isinstance(m, (RotaryEmbedding, MultimodalRotaryEmbedding))]
+    with cp_group_cleared([m for m in module.modules()
+                           if isinstance(m, (RotaryEmbedding, MultimodalRotaryEmbedding))]):
+        yield
+
+
+@contextlib.contextmanager
+def cp_group_cleared(modules: list[Any]) -> Iterator[None]:
+    """Inside, the ``cp_group`` attribute of each of ``modules`` is None (no context-parallel
+    sharding); each module's own group is put back on exit, also on error."""
+    saved = [(m, m.cp_group) for m in modules]
     try:
         for m, _ in saved:
             m.cp_group = None

@@ -299,18 +299,13 @@ def whole_sequences(model_chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
     on error. Sequence parallelism cannot be switched off like this (megatron-core's linear
     layers read it at construction), so generation under it recomputes the sharded forward.
     """
-    saved = [(m, m.cp_group) for chunk in model_chunks for m in chunk.modules()
-             if isinstance(m, (VisionLanguageModel, AllGatherContextParallelAttention))]
+    ours = [m for chunk in model_chunks for m in chunk.modules()
+            if isinstance(m, (VisionLanguageModel, AllGatherContextParallelAttention))]
     with contextlib.ExitStack() as stack:
         for chunk in model_chunks:
             stack.enter_context(mcore_compat.rotary_tables_unsharded(chunk))
-        try:
-            for m, _ in saved:
-                m.cp_group = None
-            yield
-        finally:
-            for m, group in saved:
-                m.cp_group = group
+        stack.enter_context(mcore_compat.cp_group_cleared(ours))
+        yield
 
 
 def sequence_multiple(config: TransformerConfig) -> int:

@@ -66,6 +66,7 @@ from megatron_papo.ops.vocab_parallel import (
     _Y_P,
     _Y_Q,
     _check_layout_agrees,
+    _check_target,
     _chunk_grads,
     _chunk_partial_sums,
     _raise_on_bad_values,
@@ -113,18 +114,6 @@ def _check_weight(weight: Tensor) -> None:
         raise ValueError(f"weight must be the floating-point [V_local, H] output-layer shard, got {shape}")
     if weight.shape[0] == 0:
         raise ValueError("weight has V_local = 0 rows; expected V_local >= 1")
-
-
-def _check_linear_target(target: Tensor, hidden: Tensor) -> None:
-    if not isinstance(target, Tensor):
-        raise ValueError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(f"target must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
-                         f"got {tuple(target.shape)}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise ValueError(f"target must hold integer token ids, got dtype {target.dtype}")
-    if target.device != hidden.device:
-        raise ValueError(f"target is on {target.device}, hidden on {hidden.device}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,7 +381,7 @@ def linear_papo_token_stats(hidden: Tensor, masked_hidden: Tensor, weight: Tenso
     if masked_hidden.shape != hidden.shape:
         raise ValueError(f"masked_hidden must have the shape of hidden: expected {tuple(hidden.shape)}, "
                          f"got {tuple(masked_hidden.shape)}")
-    _check_linear_target(target, hidden)
+    _check_target(target, hidden, "hidden")
     lead = hidden.shape[:-1]
     outs = LinearVocabParallelStats.apply(_flat(hidden), _flat(masked_hidden), weight, target.reshape(-1),
                                           tp_group, vocab_size, chunk_size, vocab_block, masked_weight_grad,
@@ -415,7 +404,7 @@ def linear_vocab_parallel_log_probs_entropy(hidden: Tensor, weight: Tensor, targ
     """
     _check_weight(weight)
     _check_hidden("hidden", hidden, weight)
-    _check_linear_target(target, hidden)
+    _check_target(target, hidden, "hidden")
     lead = hidden.shape[:-1]
     logp, ent = LinearVocabParallelStats.apply(_flat(hidden), None, weight, target.reshape(-1), tp_group,
                                                vocab_size, chunk_size, vocab_block, True, check_finite,

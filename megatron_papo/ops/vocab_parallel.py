@@ -156,16 +156,17 @@ def _check_pair(logits_p: Tensor, logits_q: Tensor, names: tuple[str, str]) -> N
         raise ValueError(f"{names[1]} is on {logits_q.device}, {names[0]} on {logits_p.device}")
 
 
-def _check_target(target: Tensor, logits: Tensor) -> None:
+def _check_target(target: Tensor, logits: Tensor, name: str = "logits") -> None:
+    """``target`` [...] integer ids matching ``logits`` [..., V] (or any [..., X] input called ``name``)."""
     if not isinstance(target, Tensor):
         raise ValueError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.shape != logits.shape[:-1]:
-        raise ValueError(f"target must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+        raise ValueError(f"target must have shape {name}.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {tuple(target.shape)}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer token ids, got dtype {target.dtype}")
     if target.device != logits.device:
-        raise ValueError(f"target is on {target.device}, logits on {logits.device}")
+        raise ValueError(f"target is on {target.device}, {name} on {logits.device}")
 
 
 def default_chunk_size(v_local: int) -> int:
