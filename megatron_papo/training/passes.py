@@ -64,6 +64,16 @@ def model_outputs(model_chunks: Sequence[torch.nn.Module], fused_linear: bool) -
         yield mcore_compat.output_weight(model_chunks[-1])
 
 
+def output_log_probs(out: Tensor, target: Tensor, tp_group: dist.ProcessGroup | None, vocab_size: int,
+                     weight: Tensor | None = None) -> Tensor:
+    """Per-token log-probs [B, S] of ``target`` from what the last stage returned: logits
+    [B, S, V_local] (``weight`` None), or inside ``model_outputs(..., fused_linear=True)`` the
+    hidden states [B, S, H] and the output weight it yielded (no logits formed)."""
+    if weight is None:
+        return vocab_parallel_log_probs(out, target, tp_group, vocab_size, check_finite=False)
+    return linear_vocab_parallel_log_probs(out, weight, target, tp_group, vocab_size, check_finite=False)
+
+
 def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch, *, micro_batch_size: int,
                       tp_group: dist.ProcessGroup | None, vocab_size: int, masked_branch: bool = False,
                       cp_group: dist.ProcessGroup | None = None, fused_linear: bool = False) -> Tensor | None:
@@ -78,11 +88,7 @@ def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch
     cp_rank, cp_size = rank_and_size(cp_group)
 
     def loss_fn(mb: Mapping[str, Any], out: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        if fused_linear:
-            lp = linear_vocab_parallel_log_probs(out, weight, mb["target"], tp_group, vocab_size,
-                                                 check_finite=False)
-        else:
-            lp = vocab_parallel_log_probs(out, mb["target"], tp_group, vocab_size, check_finite=False)
+        lp = output_log_probs(out, mb["target"], tp_group, vocab_size, weight)
         return out.new_zeros(()), {"log_probs": gather_from_context_parallel(lp, cp_group, dim=1)}
 
     padded = pad_columns(batch, sequence_multiple(model_chunks))

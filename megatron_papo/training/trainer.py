@@ -24,7 +24,7 @@ from torch import Tensor
 from megatron_papo.config import PapoConfig, resume_drift, to_dict
 from megatron_papo.distributed import ProcessGroups, is_rank_zero
 from megatron_papo.losses import PapoLossConfig, token_mean
-from megatron_papo.ops import global_token_count, linear_vocab_parallel_log_probs, vocab_parallel_log_probs
+from megatron_papo.ops import global_token_count
 from megatron_papo.ops.groups import collective_device
 from megatron_papo.rollout import SamplingParams
 from megatron_papo.training import steps
@@ -57,6 +57,7 @@ from megatron_papo.training.passes import (
     compute_log_probs,
     model_forward,
     model_outputs,
+    output_log_probs,
     papo_update,
     sequence_multiple,
     share_from_last_stage,
@@ -174,20 +175,14 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
     n_tok = global_token_count(batch.loss_mask, pg.dp)  # cp ranks hold the same rows
     vocab = parts.tokenizer.vocab_size
 
-    fused = cfg.loss.fused_linear
-
     def loss_fn(mb: dict, out: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        if fused:  # out: hidden states [B, S, H]
-            lp = linear_vocab_parallel_log_probs(out, weight, mb["target"], pg.tp, vocab, check_finite=False)
-        else:
-            lp = vocab_parallel_log_probs(out, mb["target"], pg.tp, vocab, check_finite=False)
-        nll = -token_mean(lp, mb["loss_mask"], n_tok)
+        nll = -token_mean(output_log_probs(out, mb["target"], pg.tp, vocab, weight), mb["loss_mask"], n_tok)
         return nll, {"sft_nll": nll.detach()}
 
     mbs = micro_batch_dicts(batch, cfg.train.micro_batch_size, cp_rank=pg.cp_rank, cp_size=pg.cp_size)
     set_param_group_hparams(parts.optimizer, lr=cfg.train.sft_lr, weight_decay=cfg.train.weight_decay)
     zero_grads(parts.ddp_chunks, parts.optimizer)
-    with model_outputs(parts.ddp_chunks, fused) as weight:
+    with model_outputs(parts.ddp_chunks, cfg.loss.fused_linear) as weight:
         outs = run_microbatches(parts.ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,
                                 seq_length=batch.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                                 loss_scale=global_mean_loss_scale(pg.dp_size, len(mbs)))
