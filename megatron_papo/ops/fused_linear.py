@@ -69,6 +69,7 @@ from megatron_papo.ops.vocab_parallel import (
     _check_target,
     _chunk_grads,
     _chunk_partial_sums,
+    _flat,
     _raise_on_bad_values,
     compute_dtype,
     reduce_max,
@@ -337,10 +338,6 @@ def _resolve_linear_impl(impl: str) -> None:
     if impl not in LINEAR_OP_IMPLS:
         raise ValueError(f"impl must be one of {list(LINEAR_OP_IMPLS)} for the fused linear op "
                          f"(no Triton kernel for it yet), got {impl!r}")
-
-
-def _flat(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1])
 
 
 def linear_papo_token_stats(hidden: Tensor, masked_hidden: Tensor, weight: Tensor, target: Tensor,
