@@ -99,6 +99,13 @@ class ModelConfig:
     """Fixed resolution: images are resized to image_size x image_size before the vision encoder
     (None = the model's default: 64 for tiny_vlm; dynamic resolution for qwen2_5_vl, where a
     fixed size must be a multiple of 28)."""
+    patch_size: int | None = None
+    """tiny_vlm only: ViT patch side (must divide image_size); (image_size / patch_size)^2 image
+    tokens per image (None = 16: 16 tokens for 64x64 images)."""
+    vision_hidden_size: int | None = None
+    """tiny_vlm only: ViT width (None = 64; divisible by the ViT's 4 heads and by tp)."""
+    vision_num_layers: int | None = None
+    """tiny_vlm only: ViT depth (None = 2)."""
     min_pixels: int | None = None
     """qwen2_5_vl dynamic resolution: smallest image area after resizing (None = 56*56)."""
     max_pixels: int | None = None
@@ -646,7 +653,8 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     **{f"model.{k}": POSITIVE for k in ("num_layers", "hidden_size", "num_attention_heads",
                                         "num_query_groups", "ffn_hidden_size",
                                         "make_vocab_size_divisible_by", "image_size", "min_pixels",
-                                        "max_pixels")},
+                                        "max_pixels", "patch_size", "vision_hidden_size",
+                                        "vision_num_layers")},
     "model.vocab_size": Bound(2), "model.seq_length": Bound(2),
     **{f"parallel.{k}": POSITIVE for k in ("tp", "pp", "cp", "vpp")},
     "algorithm.filter_low": UNIT, "algorithm.filter_high": UNIT,
@@ -752,6 +760,14 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
     if tr.sft_warmup_steps and tr.sft_prompts < 1:
         raise ConfigError("train.sft_prompts: the warm start (train.sft_warmup_steps > 0) needs >= 1 "
                           f"reserved prompts, got {tr.sft_prompts}")
+    tiny_only = [k for k in ("patch_size", "vision_hidden_size", "vision_num_layers")
+                 if getattr(model, k) is not None]
+    if tiny_only and model.name != "tiny_vlm":
+        raise ConfigError(f"model.{tiny_only[0]}: only model.name=tiny_vlm reads it (model.name is "
+                          f"{model.name!r}, whose vision tower comes from its own architecture); remove it")
+    if model.name == "tiny_vlm" and model.patch_size is not None and (model.image_size or 64) % model.patch_size:
+        raise ConfigError(f"model.patch_size={model.patch_size} must divide model.image_size="
+                          f"{model.image_size or 64}")
     if model.name == "qwen2_5_vl":
         if not model.hf_path:
             raise ConfigError("model.hf_path: model.name=qwen2_5_vl reads its architecture from a Hugging "

@@ -13,6 +13,7 @@ a resumable data-parallel sampler and padding helpers.
 from megatron_papo.data.collate import Padded, build_position_ids, left_pad, right_pad
 from megatron_papo.data.dataset import SKIP_REASONS, PromptDataset, Sample, SkipStats, build_prompt_dataset
 from megatron_papo.data.easy_vqa import EASY_VQA_ANSWERS
+from megatron_papo.data.easy_vqa_shortcut import SHORTCUT_SHARE  # registers easy_vqa_shortcut:*
 from megatron_papo.data.rows import BUILTIN_SOURCES, DataError, RawRow, image_refs, load_rows, open_image
 from megatron_papo.data.sampler import PromptSampler
 from megatron_papo.data.templates import (
@@ -27,6 +28,7 @@ from megatron_papo.data.templates import (
 __all__ = [
     "BUILTIN_SOURCES",
     "EASY_VQA_ANSWERS",
+    "SHORTCUT_SHARE",
     "SKIP_REASONS",
     "TEMPLATES",
     "DataError",

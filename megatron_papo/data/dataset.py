@@ -68,6 +68,10 @@ class Sample:
     """``file:row`` of the row the sample comes from."""
     index: int
     """Position in the dataset (what the sampler hands out)."""
+    subset: str = ""
+    """The row's evaluation subset (``meta["subset"]`` of its source, e.g. whether an easy-VQA
+    test question follows or contradicts a training shortcut); "" = none. Evaluation reports
+    accuracy per subset besides the overall one."""
 
 
 @dataclass
@@ -117,6 +121,7 @@ class _Entry:
     question: str
     answer: str
     images: tuple[ImageRef, ...]
+    subset: str = ""
 
 
 def _text_field(value: Any, reason: str) -> str:
@@ -220,7 +225,7 @@ class PromptDataset:
         length = self._prompt_length(question, counts)
         if length > self.max_prompt_length:
             raise _Skip("prompt_too_long", f"{length} tokens > max_prompt_length {self.max_prompt_length}")
-        return _Entry(row.where, question, answer, images)
+        return _Entry(row.where, question, answer, images, str(row.meta.get("subset", "")))
 
     def _probe(self, ref: ImageRef) -> tuple[int, int]:
         """Check an image once per distinct path (bytes are checked every time); its (height, width)."""
@@ -304,7 +309,12 @@ class PromptDataset:
     def _sample(self, entry: _Entry, images: list[Any], index: int) -> Sample:
         counts = [self._tokens_of((image.height, image.width)) for image in images]
         return Sample(prompt_ids=self._encode(entry.question, counts), images=images,
-                      answer=entry.answer, question=entry.question, source=entry.where, index=index)
+                      answer=entry.answer, question=entry.question, source=entry.where, index=index,
+                      subset=entry.subset)
+
+    def subset(self, index: int) -> str:
+        """The evaluation subset of sample ``index`` (:attr:`Sample.subset`), without reading its image."""
+        return self._entries[index].subset
 
     def prompt_text(self, index: int) -> str:
         """The rendered prompt of sample `index` with ``<image>`` markers (for logs)."""

@@ -19,13 +19,15 @@ the tokenizer module itself knows no dataset and no template.
 
 from __future__ import annotations
 
+import collections
 import functools
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import easy_vqa
 
-from megatron_papo.data.rows import BuiltinSource, RawRow, register_source
+from megatron_papo.data.rows import BUILTIN_SOURCES, BuiltinSource, RawRow, register_source
 from megatron_papo.data.templates import template_corpus
 from megatron_papo.data.tokenizer import BOX_CLOSE, BOX_OPEN, THINK_CLOSE, THINK_OPEN, WordTokenizer
 
@@ -109,5 +111,43 @@ def easy_vqa_tokenizer() -> WordTokenizer:
     return WordTokenizer.build(easy_vqa_corpus(), min_freq=1)
 
 
+def question_prior(rows: Iterable[RawRow]) -> dict[str, str]:
+    """question text -> its most frequent answer among ``rows`` (ties: the answer seen first).
+
+    The predictor of a model that never looks at the image: the best such model on data drawn
+    like ``rows`` answers each templated question with that question's majority answer.
+    """
+    counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        counts[str(row.question)][str(row.answer)] += 1
+    return {q: c.most_common(1)[0][0] for q, c in counts.items()}
+
+
+def text_only_accuracy(eval_source: str = "easy_vqa:test", num_prompts: int = 0, *,
+                       prior_source: str = "easy_vqa:train") -> float:
+    """Accuracy of :func:`question_prior` of ``prior_source`` (the training data) on the first
+    ``num_prompts`` rows of ``eval_source`` (0 = all): the text-only floor that a model using the
+    image must beat. Both are built-in sources (``<name>:<split>``), read on every call (0.670
+    for easy_vqa:train on the whole easy_vqa:test)."""
+    prior = question_prior(_builtin_rows(prior_source))
+    rows = _builtin_rows(eval_source)
+    if num_prompts > 0:
+        rows = itertools.islice(rows, num_prompts)
+    hits = total = 0
+    for row in rows:
+        hits += prior.get(str(row.question)) == str(row.answer)
+        total += 1
+    return hits / max(total, 1)
+
+
+def _builtin_rows(source: str) -> Iterator[RawRow]:
+    name, _, split = source.partition(":")
+    if name not in BUILTIN_SOURCES or split not in BUILTIN_SOURCES[name].splits:
+        raise ValueError(f"{source!r} is not a built-in source split (known: "
+                         f"{sorted(f'{n}:{s}' for n, src in BUILTIN_SOURCES.items() for s in src.splits)})")
+    return BUILTIN_SOURCES[name].open(split)
+
+
 __all__ = ["EASY_VQA_ANSWERS", "SOURCE", "SPLITS", "EasyVqaSplit", "easy_vqa_corpus", "easy_vqa_rows",
-           "easy_vqa_tokenizer", "easy_vqa_train_questions", "load_split"]
+           "easy_vqa_tokenizer", "easy_vqa_train_questions", "load_split", "question_prior",
+           "text_only_accuracy"]

@@ -128,8 +128,9 @@ class TinyVLMConfig:
         sizes = {name: getattr(cfg, name) for name in
                  ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
                  if getattr(cfg, name) is not None}
-        if getattr(cfg, "image_size", None):
-            sizes["image_size"] = cfg.image_size
+        for name in ("image_size", "patch_size", "vision_hidden_size", "vision_num_layers"):
+            if getattr(cfg, name, None):
+                sizes[name] = getattr(cfg, name)
         return cls(vocab_size=cfg.vocab_size or vocab_size, image_token_id=image_token_id,
                    seq_length=cfg.seq_length, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
                    precision=cfg.precision, fp8=cfg.fp8, transformer_impl=cfg.transformer_impl,

@@ -73,6 +73,7 @@ def test_round_trip_through_yaml(tmp_path):
         ("train.micro_batch_size=7", r"train.micro_batch_size=7 must divide"),
         ("checkpoint.resume=true", r"checkpoint.resume: needs checkpoint.dir"),
         ("gamma", r"expected key=value"),
+        ("model.patch_size=24", r"model.patch_size=24 must divide model.image_size=64"),
     ],
 )
 def test_bad_overrides_name_the_key(override, match):
@@ -178,3 +179,14 @@ def test_values_a_user_met_are_refused(override, match):
 def test_one_response_per_prompt_is_refused_for_every_algorithm(name):
     with pytest.raises(ConfigError, match=f"algorithm {name} normalises advantages"):
         load_config(None, [f"algorithm.name={name}", "rollout.n=1"])
+
+
+def test_tiny_vision_fields_are_refused_for_other_models():
+    with pytest.raises(ConfigError, match="model.vision_hidden_size: only model.name=tiny_vlm reads it"):
+        load_config(overrides=["model.name=qwen2_5_vl", "model.hf_path=/x", "model.vision_hidden_size=128"])
+    cfg = load_config(overrides=["model.patch_size=8", "model.vision_hidden_size=96", "model.vision_num_layers=3"])
+    from megatron_papo.models.tiny_vlm import TinyVLMConfig
+
+    tiny = TinyVLMConfig.from_model_config(cfg.model, vocab_size=100, image_token_id=5)
+    assert (tiny.patch_size, tiny.vision_hidden_size, tiny.vision_num_layers) == (8, 96, 3)
+    assert tiny.image_tokens_per_image == 64

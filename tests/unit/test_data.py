@@ -414,3 +414,74 @@ def test_image_tokens_can_depend_on_the_image_size(tok):
         assert runs == [4, 8] and [im.size for im in sample.images] == [(8, 8), (16, 8)]
     with pytest.raises(ValueError, match="each of the 2 images"):
         encode_prompt(tok, get_template("plain").parts("a <image> b <image>", 2), [3])
+
+
+# --------------------------------------------------------------------------------------
+# Text-only floor and the shortcut stage (easy_vqa_shortcut)
+# --------------------------------------------------------------------------------------
+
+
+def test_question_prior_is_the_majority_answer_per_question():
+    from megatron_papo.data.easy_vqa import question_prior
+
+    rows = [RawRow("s", i, question=q, answer=a) for i, (q, a) in
+            enumerate([("is it red?", "yes"), ("is it red?", "no"), ("is it red?", "no"), ("shape?", "circle")])]
+    assert question_prior(rows) == {"is it red?": "no", "shape?": "circle"}
+
+
+def test_text_only_floor_of_easy_vqa():
+    from megatron_papo.data.easy_vqa import text_only_accuracy
+
+    # 0.670 is the issue's own count (issue 16); recomputed from the package's files here
+    assert text_only_accuracy() == pytest.approx(0.6700, abs=5e-5)
+    assert text_only_accuracy(num_prompts=128) == pytest.approx(83 / 128)  # the quickstart's eval prompts
+    with pytest.raises(ValueError, match="not a built-in source"):
+        text_only_accuracy("easy_vqa:validation")
+
+
+def test_shortcut_split_biases_every_question_and_keeps_test_whole():
+    from collections import Counter, defaultdict
+
+    from megatron_papo.data.easy_vqa_shortcut import (
+        CONTRADICTS,
+        FOLLOWS,
+        SHORTCUT_SHARE,
+        shortcut_answers,
+        shortcut_train_rows,
+    )
+
+    train, test = load_split("train"), load_split("test")
+    short = shortcut_answers()
+    assert set(short) == set(train.questions)
+    rows = list(load_rows("easy_vqa_shortcut:train", DataConfig()))
+    assert len(rows) == len(shortcut_train_rows()) == len(set(r.row for r in rows))
+    per_q: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:  # each row is the easy-VQA train row it names
+        assert (r.question, r.answer) == (train.questions[r.row], train.answers[r.row])
+        assert r.meta["subset"] == (FOLLOWS if r.answer == short[r.question] else CONTRADICTS)
+        per_q[r.question][r.meta["subset"]] += 1
+    for q, c in per_q.items():  # the shortcut holds for >= 80% of each question's rows
+        share = c[FOLLOWS] / (c[FOLLOWS] + c[CONTRADICTS])
+        assert share >= SHORTCUT_SHARE - 0.5 / (c[FOLLOWS] + c[CONTRADICTS]) - 1e-9, (q, c)
+    # the answers are spread over the 13 (not one answer for everything)
+    assert len(set(short.values())) >= 8
+    test_rows = list(load_rows("easy_vqa_shortcut:test", DataConfig(), role="eval"))
+    assert len(test_rows) == len(test.questions)
+    assert {r.meta["subset"] for r in test_rows} == {FOLLOWS, CONTRADICTS}
+    with pytest.raises(DataError, match="held-out"):
+        load_rows("easy_vqa_shortcut:test", DataConfig())
+    # fixed dataset: the same rows from a second read
+    assert [r.row for r in load_rows("easy_vqa_shortcut:train", DataConfig(limit=50))] == [r.row for r in rows[:50]]
+
+
+def test_shortcut_floors_and_subsets_reach_the_samples(tok):
+    from megatron_papo.data.easy_vqa import text_only_accuracy
+
+    on_train = text_only_accuracy("easy_vqa_shortcut:train", prior_source="easy_vqa_shortcut:train")
+    on_test = text_only_accuracy("easy_vqa_shortcut:test", prior_source="easy_vqa_shortcut:train")
+    assert on_train >= 0.8 and on_test < text_only_accuracy()  # the shortcut pays on train only
+    ds = build_prompt_dataset("easy_vqa_shortcut:test", DataConfig(limit=30), tok, N_IMG, role="eval")
+    assert {ds[i].subset for i in range(30)} <= {"follows_shortcut", "contradicts_shortcut"}
+    assert [ds.subset(i) for i in range(30)] == [ds[i].subset for i in range(30)]
+    plain = build_prompt_dataset("easy_vqa:train", DataConfig(limit=3), tok, N_IMG)
+    assert plain[0].subset == ""
