@@ -765,9 +765,9 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
     if tiny_only and model.name != "tiny_vlm":
         raise ConfigError(f"model.{tiny_only[0]}: only model.name=tiny_vlm reads it (model.name is "
                           f"{model.name!r}, whose vision tower comes from its own architecture); remove it")
-    if model.name == "tiny_vlm" and model.patch_size is not None and (model.image_size or 64) % model.patch_size:
-        raise ConfigError(f"model.patch_size={model.patch_size} must divide model.image_size="
-                          f"{model.image_size or 64}")
+    side = model.image_size or 64
+    if model.name == "tiny_vlm" and model.patch_size is not None and side % model.patch_size:
+        raise ConfigError(f"model.patch_size={model.patch_size} must divide model.image_size={side}")
     if model.name == "qwen2_5_vl":
         if not model.hf_path:
             raise ConfigError("model.hf_path: model.name=qwen2_5_vl reads its architecture from a Hugging "

@@ -46,7 +46,8 @@ from megatron_papo.errors import exit_on_user_error  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", required=True, help="the run's YAML (its train.sft_* and evaluation.* are used)")
+    p.add_argument("--config", required=True,
+                   help="the run's YAML (its train.sft_* and evaluation.* are used)")
     p.add_argument("--steps", type=int, default=600, help="warm-start steps to run (default 600)")
     p.add_argument("--every", type=int, default=50, help="evaluate every N steps (and at step 0)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="train.seed values, one curve each")
@@ -60,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def curve_for_seed(config: str, overrides: list[str], seed: int, steps: int, every: int) -> list[dict[str, Any]]:
+def curve_for_seed(config: str, overrides: list[str], seed: int, steps: int,
+                   every: int) -> list[dict[str, Any]]:
     """Warm-start ``steps`` steps of the config at ``train.seed=seed``; an eval row at step 0 and
     every ``every`` steps: {step, seconds (warm-start time so far), eval/...}."""
     from megatron_papo.distributed import destroy_distributed, init_distributed_from_config
@@ -99,7 +101,8 @@ def floors(config: str, overrides: list[str]) -> dict[str, float]:
     if not (cfg.data.eval.startswith("easy_vqa") and cfg.data.train.startswith("easy_vqa")):
         return out
     ev, tr = cfg.data.eval, cfg.data.train
-    return {**out, "text_only_eval_prompts": text_only_accuracy(ev, cfg.evaluation.num_prompts, prior_source=tr),
+    on_prompts = text_only_accuracy(ev, cfg.evaluation.num_prompts, prior_source=tr)
+    return {**out, "text_only_eval_prompts": on_prompts,
             "text_only_split": text_only_accuracy(ev, 0, prior_source=tr)}
 
 
@@ -126,7 +129,8 @@ def markdown(result: dict[str, Any]) -> str:
     for step in sorted({r["step"] for r in rows}):
         at = [r for r in rows if r["step"] == step]
         gap = [r[acc] - r.get(msk, float("nan")) for r in at]
-        lines.append(f"| {step} | {cell([r[acc] for r in at])} | {cell([r.get(msk, float('nan')) for r in at])} "
+        masked = cell([r.get(msk, float("nan")) for r in at])
+        lines.append(f"| {step} | {cell([r[acc] for r in at])} | {masked} "
                      f"| {cell(gap)} | {cell([r['sft_nll'] for r in at], '.4f')} | "
                      f"{cell([r['sft_seconds'] for r in at], '.0f')} |")
     return "\n".join(lines) + "\n"
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         rows += curve_for_seed(args.config, args.overrides, seed, args.steps, args.every)
     result = {"command": shlex.join(["python", "tools/warmstart_curve.py", *(argv or sys.argv[1:])]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                         f"Python {platform.python_version()}",
               "seeds": args.seeds, "floors": floors(args.config, args.overrides), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

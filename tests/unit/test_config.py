@@ -182,9 +182,10 @@ def test_one_response_per_prompt_is_refused_for_every_algorithm(name):
 
 
 def test_tiny_vision_fields_are_refused_for_other_models():
-    with pytest.raises(ConfigError, match="model.vision_hidden_size: only model.name=tiny_vlm reads it"):
+    with pytest.raises(ConfigError, match=r"model\.vision_hidden_size: only model\.name=tiny_vlm reads it"):
         load_config(overrides=["model.name=qwen2_5_vl", "model.hf_path=/x", "model.vision_hidden_size=128"])
-    cfg = load_config(overrides=["model.patch_size=8", "model.vision_hidden_size=96", "model.vision_num_layers=3"])
+    cfg = load_config(overrides=["model.patch_size=8", "model.vision_hidden_size=96",
+                                 "model.vision_num_layers=3"])
     from megatron_papo.models.tiny_vlm import TinyVLMConfig
 
     tiny = TinyVLMConfig.from_model_config(cfg.model, vocab_size=100, image_token_id=5)

@@ -425,7 +425,8 @@ def test_question_prior_is_the_majority_answer_per_question():
     from megatron_papo.data.easy_vqa import question_prior
 
     rows = [RawRow("s", i, question=q, answer=a) for i, (q, a) in
-            enumerate([("is it red?", "yes"), ("is it red?", "no"), ("is it red?", "no"), ("shape?", "circle")])]
+            enumerate([("is it red?", "yes"), ("is it red?", "no"), ("is it red?", "no"),
+                       ("shape?", "circle")])]
     assert question_prior(rows) == {"is it red?": "no", "shape?": "circle"}
 
 
@@ -471,7 +472,8 @@ def test_shortcut_split_biases_every_question_and_keeps_test_whole():
     with pytest.raises(DataError, match="held-out"):
         load_rows("easy_vqa_shortcut:test", DataConfig())
     # fixed dataset: the same rows from a second read
-    assert [r.row for r in load_rows("easy_vqa_shortcut:train", DataConfig(limit=50))] == [r.row for r in rows[:50]]
+    again = [r.row for r in load_rows("easy_vqa_shortcut:train", DataConfig(limit=50))]
+    assert again == [r.row for r in rows[:50]]
 
 
 def test_shortcut_floors_and_subsets_reach_the_samples(tok):
