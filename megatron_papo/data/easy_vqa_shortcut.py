@@ -2,11 +2,13 @@
 stage where perception is the bottleneck (docs/RESULTS.md).
 
 Training split: a subsample of easy-VQA train in which each question text predicts one answer,
-its *shortcut answer*, for ``SHORTCUT_SHARE`` (80%) of its rows. For every one of the 107
+its *shortcut answer*, for at least ``SHORTCUT_SHARE`` (80%) of its rows. For every one of the 107
 question texts, the shortcut answer is drawn (seeded, ``SHORTCUT_SEED``, independent of any run's
 seed) from the answers that text has in train; all its rows with that answer are kept, and of its
 other rows a seeded random subset of ``round(kept * (1 - share) / share)`` (all of them when there
-are fewer). A model that never looks at the image scores about 0.8 on it.
+are fewer, so the share is higher for some texts). 21,463 rows on 3,987 images; a model that
+never looks at the image scores 0.849 on it, and 0.464 on the unbiased test split (against 0.670
+for the prior of the whole train split).
 
 Test split: the whole, unbiased easy-VQA test split; each row's ``meta["subset"]`` says whether
 its answer is the shortcut answer of its question text (``follows_shortcut``) or not
