@@ -73,14 +73,21 @@ def easy_vqa_train_questions() -> list[str]:
 
 
 def easy_vqa_rows(split: str) -> Iterator[RawRow]:
-    """Rows of one split, in the package's order. A question whose image file is not listed
-    gets the would-be path, so the dataset counts it as a missing image instead of crashing."""
+    """Rows of one split, in the package's order (:func:`split_row`)."""
     data = load_split(split)
-    source = f"easy_vqa:{split}"
-    for row, (question, answer, image_id) in enumerate(zip(data.questions, data.answers, data.image_ids)):
-        path = data.image_paths.get(image_id, f"<easy_vqa {split} image {image_id} not shipped>")
-        yield RawRow(source=source, row=row, question=question, answer=answer, image=path,
-                     meta={"image_id": image_id, "split": split})
+    for row in range(len(data.questions)):
+        yield split_row(split, row, f"easy_vqa:{split}")
+
+
+def split_row(split: str, row: int, source: str, **meta: str) -> RawRow:
+    """Row ``row`` of an easy-VQA split as a RawRow named ``source`` (``meta`` added to its
+    image id and split). A question whose image file is not listed gets the would-be path, so
+    the dataset counts it as a missing image instead of crashing."""
+    data = load_split(split)
+    image_id = data.image_ids[row]
+    path = data.image_paths.get(image_id, f"<easy_vqa {split} image {image_id} not shipped>")
+    return RawRow(source=source, row=row, question=data.questions[row], answer=data.answers[row],
+                  image=path, meta={"image_id": image_id, "split": split, **meta})
 
 
 def _open_split(split: str) -> Iterator[RawRow]:
@@ -149,5 +156,5 @@ def _builtin_rows(source: str) -> Iterator[RawRow]:
 
 
 __all__ = ["EASY_VQA_ANSWERS", "SOURCE", "SPLITS", "EasyVqaSplit", "easy_vqa_corpus", "easy_vqa_rows",
-           "easy_vqa_tokenizer", "easy_vqa_train_questions", "load_split", "question_prior",
+           "easy_vqa_tokenizer", "easy_vqa_train_questions", "load_split", "question_prior", "split_row",
            "text_only_accuracy"]

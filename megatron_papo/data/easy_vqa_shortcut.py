@@ -27,7 +27,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterator
 
-from megatron_papo.data.easy_vqa import load_split
+from megatron_papo.data.easy_vqa import load_split, split_row
 from megatron_papo.data.rows import BuiltinSource, RawRow, register_source
 
 SHORTCUT_SHARE = 0.8
@@ -75,11 +75,8 @@ def shortcut_rows(split: str) -> Iterator[RawRow]:
     rows = shortcut_train_rows() if split == "train" else range(len(data.questions))
     source = f"easy_vqa_shortcut:{split}"
     for row in rows:
-        question, answer, image_id = data.questions[row], data.answers[row], data.image_ids[row]
-        path = data.image_paths.get(image_id, f"<easy_vqa {split} image {image_id} not shipped>")
-        subset = FOLLOWS if short.get(question) == answer else CONTRADICTS
-        yield RawRow(source=source, row=row, question=question, answer=answer, image=path,
-                     meta={"image_id": image_id, "split": split, "subset": subset})
+        subset = FOLLOWS if short.get(data.questions[row]) == data.answers[row] else CONTRADICTS
+        yield split_row(split, row, source, subset=subset)
 
 
 def _open_split(split: str) -> Iterator[RawRow]:
