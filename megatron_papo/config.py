@@ -258,7 +258,14 @@ class TrainConfig:
     sft_batch_size: int = 32
     """Prompts per supervised warm-start step."""
     sft_lr: float = 1e-3
-    """Learning rate of the warm-start steps."""
+    """Peak learning rate of the warm-start steps."""
+    sft_lr_warmup_steps: int = 0
+    """Warm-start steps of linear lr warmup (from sft_lr / N to sft_lr); counts inside sft_warmup_steps."""
+    sft_lr_decay: Literal["constant", "cosine"] = "constant"
+    """Warm-start lr after its warmup: constant sft_lr, or a cosine from sft_lr down to
+    sft_lr * sft_min_lr_ratio at the last warm-start step."""
+    sft_min_lr_ratio: float = 0.1
+    """Final warm-start lr as a fraction of sft_lr (sft_lr_decay=cosine only)."""
     sft_prompts: int = 2000
     """Training prompts reserved for the warm start (the first N of the shuffled set; RL uses the rest)."""
     max_consecutive_nonfinite: int = 3
@@ -682,6 +689,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "train.adam_beta1": Bound(0.0, 1.0, hi_open=True), "train.adam_beta2": Bound(0.0, 1.0, hi_open=True),
     "train.grad_clip": NON_NEGATIVE, "train.seed": FINITE, "train.sft_warmup_steps": NON_NEGATIVE,
     "train.sft_prompts": NON_NEGATIVE,
+    "train.sft_lr_warmup_steps": NON_NEGATIVE, "train.sft_min_lr_ratio": UNIT,
     "evaluation.num_prompts": NON_NEGATIVE, "evaluation.k": POSITIVE, "evaluation.temperature": NON_NEGATIVE,
     "evaluation.top_p": OPEN_UNIT_LEFT, "evaluation.interval": Bound(0, also=(-1,)),
     "checkpoint.save_interval": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE,
@@ -757,6 +765,9 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
     if not 0 <= cfg.algorithm.filter_low < cfg.algorithm.filter_high <= 1:
         raise ConfigError("algorithm.filter_low/filter_high: expected 0 <= low < high <= 1, got "
                           f"{cfg.algorithm.filter_low}, {cfg.algorithm.filter_high}")
+    if tr.sft_lr_warmup_steps > tr.sft_warmup_steps:
+        raise ConfigError(f"train.sft_lr_warmup_steps={tr.sft_lr_warmup_steps} exceeds the warm start "
+                          f"(train.sft_warmup_steps={tr.sft_warmup_steps})")
     if tr.sft_warmup_steps and tr.sft_prompts < 1:
         raise ConfigError("train.sft_prompts: the warm start (train.sft_warmup_steps > 0) needs >= 1 "
                           f"reserved prompts, got {tr.sft_prompts}")

@@ -40,6 +40,7 @@ __all__ = [
     "finish_grad_sync",
     "optimizer_step",
     "set_param_group_hparams",
+    "sft_lr_at",
     "zero_grads",
 ]
 
@@ -204,6 +205,25 @@ class LrSchedule:
         """Restore the update count. ``lr`` and ``warmup_steps`` stay those of the current config,
         so a resumed run may change them."""
         self.num_steps = int(state["num_steps"])
+
+
+def sft_lr_at(step: int, train: TrainConfig) -> float:
+    """Learning rate of the 0-based warm-start step ``step`` of ``train.sft_warmup_steps``.
+
+    Linear warmup over ``train.sft_lr_warmup_steps`` steps (step ``i`` at
+    ``sft_lr * (i + 1) / warmup``), then ``train.sft_lr_decay``: ``constant`` keeps ``sft_lr``;
+    ``cosine`` falls from ``sft_lr`` to ``sft_lr * sft_min_lr_ratio`` at the last step,
+    ``lr = min + (sft_lr - min) * (1 + cos(pi * t)) / 2`` with ``t`` = decay step / (decay steps - 1).
+    """
+    peak, warmup, total = train.sft_lr, train.sft_lr_warmup_steps, train.sft_warmup_steps
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    if train.sft_lr_decay == "constant":
+        return peak
+    span = max(1, total - warmup - 1)
+    t = min(1.0, max(0.0, (step - warmup) / span))
+    floor = peak * train.sft_min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def zero_grads(ddp_chunks: list[Any], optimizer: Any) -> None:

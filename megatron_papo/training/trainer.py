@@ -50,6 +50,7 @@ from megatron_papo.training.optim import (
     NonFiniteTrainingError,
     optimizer_step,
     set_param_group_hparams,
+    sft_lr_at,
     zero_grads,
 )
 from megatron_papo.training.parts import Parts, build_parts, init_weights
@@ -180,7 +181,8 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
         return nll, {"sft_nll": nll.detach()}
 
     mbs = micro_batch_dicts(batch, cfg.train.micro_batch_size, cp_rank=pg.cp_rank, cp_size=pg.cp_size)
-    set_param_group_hparams(parts.optimizer, lr=cfg.train.sft_lr, weight_decay=cfg.train.weight_decay)
+    lr = sft_lr_at(step, cfg.train)
+    set_param_group_hparams(parts.optimizer, lr=lr, weight_decay=cfg.train.weight_decay)
     zero_grads(parts.ddp_chunks, parts.optimizer)
     with model_outputs(parts.ddp_chunks, cfg.loss.fused_linear) as weight:
         outs = run_microbatches(parts.ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,
@@ -190,7 +192,7 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
     ok, grad_norm, _ = optimizer_step(parts.optimizer, loss_finite=math.isfinite(out.get("sft_nll", 0.0)))
     if not ok:
         zero_grads(parts.ddp_chunks, parts.optimizer)
-    out.update(grad_norm=grad_norm, update_skipped=float(not ok))
+    out.update(grad_norm=grad_norm, update_skipped=float(not ok), lr=lr)
     return out
 
 
