@@ -27,6 +27,14 @@ _MAX_KEYS = ("ratio_max", "rollout/logprob_diff_max")
 _MIN_KEYS = ("ratio_min",)
 # Constants of the step (the same in every micro-batch): reported as they are.
 _CONST_KEYS = ("gamma",)
+# Counts of a step (groups kept / dropped, unparsable answers, skipped updates): summed over
+# micro-batches, ranks and updates, never averaged.
+_COUNT_KEYS = ("filter/kept_groups", "filter/dropped_all_correct", "filter/dropped_all_wrong",
+               "reward/parse_failures", "update_skipped")
+
+
+def _is_summed(key: str, mode: str) -> bool:
+    return key == "num_tokens" or key in _COUNT_KEYS or mode == "sum"
 
 
 def reduce_step_metrics(per_micro_batch: Sequence[Mapping[str, Tensor]],
@@ -36,7 +44,8 @@ def reduce_step_metrics(per_micro_batch: Sequence[Mapping[str, Tensor]],
 
     Args:
         per_micro_batch: one dict of 0-dim tensors per micro-batch (same keys in each);
-            a "num_tokens" entry, if present, weights the means and is summed.
+            a "num_tokens" entry, if present, weights the means and is summed; counts
+            (``_COUNT_KEYS``) are summed too.
         group: data-parallel group (None = this process only).
         mode: "weighted": each value is a per-micro-batch mean, combined token-weighted;
             "sum": each value is already this micro-batch's share of a global mean (the loss
@@ -61,7 +70,7 @@ def reduce_step_metrics(per_micro_batch: Sequence[Mapping[str, Tensor]],
             maxes.append(vals.max())
         elif k in _MIN_KEYS:
             mins.append(vals.min())
-        elif k == "num_tokens" or mode == "sum":
+        elif _is_summed(k, mode):
             sums.append(vals.sum())
         else:
             sums.append((vals * weights).sum())
@@ -83,13 +92,38 @@ def reduce_step_metrics(per_micro_batch: Sequence[Mapping[str, Tensor]],
         elif k in _MIN_KEYS:
             out[k] = -max_list[mi]
             mi += 1
-        elif k == "num_tokens" or mode == "sum":
+        elif _is_summed(k, mode):
             out[k] = sum_list[si]
             si += 1
         else:
             out[k] = sum_list[si] / total_weight if total_weight > 0 else math.nan
             si += 1
     out.update(const)
+    return out
+
+
+def combine_update_metrics(per_update: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Metrics of a step's optimizer updates (each already reduced over ranks) as one dict.
+
+    ``ratio_max``-like keys take the maximum over updates, ``ratio_min`` the minimum,
+    ``num_tokens`` and counts the sum, constants the first value, everything else the plain mean
+    (every update trains on the same number of prompts). A key missing from some updates is
+    combined over the updates that have it.
+    """
+    out: dict[str, float] = {}
+    keys = dict.fromkeys(k for m in per_update for k in m)
+    for k in keys:
+        vals = [float(m[k]) for m in per_update if k in m]
+        if k in _MAX_KEYS:
+            out[k] = max(vals)
+        elif k in _MIN_KEYS:
+            out[k] = min(vals)
+        elif k in _CONST_KEYS:
+            out[k] = vals[0]
+        elif _is_summed(k, "weighted"):
+            out[k] = sum(vals)
+        else:
+            out[k] = sum(vals) / len(vals)
     return out
 
 

@@ -9,6 +9,7 @@ that replica (they see the same prompts, the same sampled tokens and the same re
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,10 +42,18 @@ def prompt_pixels(model: torch.nn.Module, samples: Sequence[Sample]) -> list[Ten
     return [model.preprocess_images(s.images) if s.images else None for s in samples]
 
 
+def training_masking(masking: MaskingConfig, train_seed: int) -> MaskingConfig:
+    """The masking config of an RL run: ``masking.seed`` mixed with ``train.seed``, so runs that
+    differ only in ``train.seed`` draw different training masks (evaluation keeps
+    ``masking.seed`` alone: every run is scored on the same masked images)."""
+    return dataclasses.replace(masking, seed=derive_seed(train_seed, masking.seed, 13))
+
+
 def masked_prompt_pixels(model: torch.nn.Module, samples: Sequence[Sample], masking: MaskingConfig,
                          step: int) -> list[Tensor | None]:
     """[P] per prompt: pixels of its patch-masked images (one mask per prompt, seeded by
-    (masking.seed, step, sample.index), so independent of the rank and batch split)."""
+    (masking.seed, step, sample.index), so independent of the rank and batch split; training
+    passes ``training_masking(...)``)."""
     masked = mask_group_images([list(s.images) for s in samples], 1, masking, step,
                                prompt_indices=[s.index for s in samples])
     return [model.preprocess_images(m) if m else None for m in masked]

@@ -45,7 +45,12 @@ from megatron_papo.training.checkpointing import (
     verify_checkpoint,
 )
 from megatron_papo.training.evaluation import evaluate
-from megatron_papo.training.metrics import MetricsLogger, ProgressBar, reduce_step_metrics
+from megatron_papo.training.metrics import (
+    MetricsLogger,
+    ProgressBar,
+    combine_update_metrics,
+    reduce_step_metrics,
+)
 from megatron_papo.training.optim import (
     NonFiniteTrainingError,
     optimizer_step,
@@ -141,7 +146,8 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
     update_metrics: list[dict[str, float]] = []
     generated = float(result.metrics.get("generated_tokens", 0.0))
     if kept_anywhere > 0:
-        masked_pixels = steps.masked_prompt_pixels(model, samples, cfg.masking, step)
+        masked_pixels = (steps.masked_prompt_pixels(model, samples, steps.training_masking(
+            cfg.masking, cfg.train.seed), step) if cfg.loss.uses_masked_branch else [None] * len(samples))
         batch = steps.update_batch(result, adv, pixels, masked_pixels, pad_id=parts.tokenizer.pad_id,
                                    micro_batch_size=cfg.train.micro_batch_size,
                                    device=model_device(parts.model_chunks))
@@ -150,10 +156,7 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
         update_metrics = _update(parts, batch, cfg, pg, step, cfg.loss)
     seconds = time.perf_counter() - t0
     out = reduce_step_metrics([{k: torch.tensor(v) for k, v in local.items()}], pg.dp)
-    if update_metrics:
-        n = len(update_metrics)
-        out.update({k: sum(m.get(k, 0.0) for m in update_metrics) / n for k in update_metrics[0]})
-        out["update_skipped"] = sum(m.get("update_skipped", 0.0) for m in update_metrics)  # a count
+    out.update(combine_update_metrics(update_metrics))
     out.update(step_time=seconds, rollout_time=t_rollout,
                tokens_per_s=generated * pg.dp_size / max(seconds, 1e-9), updates=float(len(update_metrics)))
     if "sync_seconds" in sync:

@@ -169,7 +169,8 @@ def test_out_of_range_numbers_are_refused_naming_the_field(path, value):
     ("model.hidden_size=0", "model.hidden_size"), ("model.num_layers=0", "model.num_layers"),
     ("logging.log_interval=0", "logging.log_interval"), ("rollout.top_k=0", "rollout.top_k"),
     ("model.vocab_size=1", "model.vocab_size"), ("train.adam_beta2=1.0", "train.adam_beta2"),
-    ("train.sft_lr_decay=linear", "train.sft_lr_decay"), ("train.sft_min_lr_ratio=2", "train.sft_min_lr_ratio"),
+    ("train.sft_lr_decay=linear", "train.sft_lr_decay"),
+    ("train.sft_min_lr_ratio=2", "train.sft_min_lr_ratio"),
     ("train.sft_lr_warmup_steps=500", "train.sft_lr_warmup_steps=500 exceeds the warm start"),
 ])
 def test_values_a_user_met_are_refused(override, match):

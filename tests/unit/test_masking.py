@@ -308,3 +308,18 @@ def test_group_none_images_and_errors():
 def test_bad_config(kwargs, field):
     with pytest.raises(ValueError, match=f"MaskingConfig.{field}"):
         MaskingConfig(**kwargs)
+
+
+def test_training_masks_follow_the_run_seed():
+    """Two runs that differ only in train.seed draw different training masks; one run's masks
+    are reproducible; masking.seed still matters."""
+    from megatron_papo.training.steps import training_masking
+
+    base = MaskingConfig(ratio=0.6, cell_size=14, seed=0)
+    a, b = training_masking(base, 1), training_masking(base, 2)
+    assert a.seed != b.seed and a.seed == training_masking(base, 1).seed
+    assert training_masking(MaskingConfig(ratio=0.6, cell_size=14, seed=5), 1).seed != a.seed
+    img = torch.full((3, 56, 56), 200, dtype=torch.uint8)
+    ma = mask_group_images([[img]], 1, a, step=0, prompt_indices=[7])[0][0]
+    mb = mask_group_images([[img]], 1, b, step=0, prompt_indices=[7])[0][0]
+    assert not torch.equal(ma, mb)

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from megatron_papo.training.metrics import MetricsLogger, read_metrics, reduce_step_metrics, summarize
+from megatron_papo.training.metrics import (
+    MetricsLogger,
+    combine_update_metrics,
+    read_metrics,
+    reduce_step_metrics,
+    summarize,
+)
 
 
 def test_token_weighted_means_and_extremes():
@@ -81,3 +87,28 @@ def test_resume_drops_the_rows_logged_after_the_checkpoint(tmp_path, capsys):
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["a"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     assert "dropped 3 row(s) past step 2" in capsys.readouterr().out
+
+
+def test_counts_are_summed_not_averaged():
+    """Kept / dropped groups and parse failures are counts: two micro-batches (or ranks) of 3 and
+    1 kept groups make 4, whatever the token weights; a mean beside them stays token-weighted."""
+    mbs = [{"filter/kept_groups": torch.tensor(3.0), "reward/parse_failures": torch.tensor(1.0),
+            "loss": torch.tensor(1.0), "num_tokens": torch.tensor(10)},
+           {"filter/kept_groups": torch.tensor(1.0), "reward/parse_failures": torch.tensor(0.0),
+            "loss": torch.tensor(4.0), "num_tokens": torch.tensor(30)}]
+    out = reduce_step_metrics(mbs)
+    assert out["filter/kept_groups"] == 4.0 and out["reward/parse_failures"] == 1.0
+    assert out["loss"] == pytest.approx((10 * 1.0 + 30 * 4.0) / 40)
+
+
+def test_update_metrics_take_max_min_sum_and_mean():
+    """Over a step's updates: ratio_max the max, ratio_min the min, num_tokens and skipped
+    updates the sum, constants the first value, the rest the mean."""
+    ups = [{"ratio_max": 1.5, "ratio_min": 0.9, "num_tokens": 100.0, "update_skipped": 0.0, "loss": 1.0,
+            "gamma": 0.02},
+           {"ratio_max": 1.2, "ratio_min": 0.7, "num_tokens": 50.0, "update_skipped": 1.0, "loss": 3.0,
+            "gamma": 0.02}]
+    out = combine_update_metrics(ups)
+    assert out == {"ratio_max": 1.5, "ratio_min": 0.7, "num_tokens": 150.0, "update_skipped": 1.0,
+                   "loss": 2.0, "gamma": 0.02}
+    assert combine_update_metrics([]) == {}
