@@ -150,6 +150,12 @@ class AlgorithmConfig:
     """Lower bound (exclusive) of a kept group's mean accuracy."""
     filter_high: float = 0.99
     """Upper bound (exclusive) of a kept group's mean accuracy."""
+    max_sampling_rounds: int = 20
+    """DAPO dynamic sampling (group_filter only): generate up to this many rounds of
+    rollout.prompts_per_step prompts until that many groups survive the filter, then train on
+    exactly that many (the first ones, in stream order); a step still short after the last round
+    trains on what it has (metrics filter/trained_groups, filter/sampling_rounds). 1 = one round,
+    no refill (groups are only dropped). The reference's max_try_make_batch is 20."""
     norm_adv_by_std: bool = True
     """GRPO: divide (r - mean) by the group std; False = Dr. GRPO style r - mean."""
 
@@ -664,7 +670,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
                                         "vision_num_layers")},
     "model.vocab_size": Bound(2), "model.seq_length": Bound(2),
     **{f"parallel.{k}": POSITIVE for k in ("tp", "pp", "cp", "vpp")},
-    "algorithm.filter_low": UNIT, "algorithm.filter_high": UNIT,
+    "algorithm.filter_low": UNIT, "algorithm.filter_high": UNIT, "algorithm.max_sampling_rounds": POSITIVE,
     **{f"loss.{k}": NON_NEGATIVE for k in ("gamma", "entropy_coef_orig", "entropy_coef_mask",
                                            "ref_kl_coef", "gamma_decay_steps")},
     **{f"loss.{k}": Bound(0.0, lo_open=True) for k in ("ref_kl_clip", "log_ratio_clamp", "kl_prcp_clip")},

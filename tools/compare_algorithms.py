@@ -98,7 +98,7 @@ QUICK_BUDGET = (
     "train.sft_warmup_steps=4", "train.sft_batch_size=8", "train.steps=3", "train.lr=2e-4",
     "rollout.prompts_per_step=4", "train.update_prompts=4", "rollout.n=2", "train.micro_batch_size=4",
     "rollout.max_new_tokens=8", "evaluation.num_prompts=8", "evaluation.k=2",
-    "data.limit=400", "logging.tensorboard=false",
+    "data.limit=400", "logging.tensorboard=false", "algorithm.max_sampling_rounds=2",
 )
 
 

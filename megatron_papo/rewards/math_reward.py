@@ -102,6 +102,16 @@ class RewardResult:
     num_parse_failures: int
     """Responses whose answer math_verify failed on (they score accuracy 0)."""
 
+    @classmethod
+    def concat(cls, parts: Sequence[RewardResult]) -> RewardResult:
+        """Several batches' rewards as one (rows in order, parse failures summed)."""
+        if not parts:
+            raise ValueError("RewardResult.concat needs at least one part")
+        return cls(reward=torch.cat([p.reward for p in parts]),
+                   accuracy=torch.cat([p.accuracy for p in parts]),
+                   format=torch.cat([p.format for p in parts]),
+                   num_parse_failures=sum(p.num_parse_failures for p in parts))
+
     def metrics(self, prefix: str = "reward/") -> dict[str, float]:
         """Batch means for logging."""
         return {

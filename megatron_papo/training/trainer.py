@@ -10,6 +10,7 @@ micro-batched PAPO update(s) through megatron-core's schedule -> metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -21,13 +22,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_papo.algorithms import group_normalized_advantages
 from megatron_papo.config import PapoConfig, resume_drift, to_dict
 from megatron_papo.distributed import ProcessGroups, is_rank_zero
 from megatron_papo.losses import PapoLossConfig, token_mean
 from megatron_papo.ops import global_token_count
 from megatron_papo.ops.groups import collective_device
-from megatron_papo.rollout import SamplingParams
-from megatron_papo.training import steps
+from megatron_papo.rewards import RewardResult
+from megatron_papo.rollout import RolloutResult, SamplingParams
+from megatron_papo.training import dynamic_sampling, steps
 from megatron_papo.training.batch import (
     TrainBatch,
     inert_rows,
@@ -126,25 +129,65 @@ def _update(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: ProcessGroups,
     return out
 
 
+def _sampling_round(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int,
+                    rnd: int) -> dynamic_sampling.Round:
+    """Round ``rnd`` of a step: the sampler's next prompts, their rollout and rewards. Round 0
+    samples with the step's seed, later rounds with seeds of their own."""
+    samples = [parts.dataset[parts.rl_indices[i]] for i in parts.sampler.next_batch()]
+    pixels = steps.prompt_pixels(parts.model_chunks[0], samples)
+    params = _sampling_params(cfg, step, pg)
+    if rnd > 0:
+        params = dataclasses.replace(params, seed=steps.derive_seed(cfg.train.seed, step, pg.dp_rank, rnd))
+    result = steps.rollout(parts.engine, samples, pixels, params)
+    return dynamic_sampling.Round(samples=samples, pixels=pixels, result=result,
+                                  rewards=steps.score(result, samples, parts.tokenizer, cfg.reward))
+
+
+def _gather_step_rollouts(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int
+                          ) -> tuple[list, list, RolloutResult, steps.Advantages, dict[str, float], float]:
+    """(samples, pixels, rollout, advantages, rollout metrics, generated tokens) of an RL step:
+    one round, or with the DAPO filter, rounds until enough groups survive
+    (:mod:`~megatron_papo.training.dynamic_sampling`)."""
+    algo = cfg.algorithm
+    if not algo.group_filter:
+        rnd = _sampling_round(parts, cfg, pg, step, 0)
+        adv = steps.group_advantages(rnd.rewards, cfg.rollout.n, algo)
+        local = {**steps.rollout_metrics(rnd.result, rnd.rewards), **adv.metrics}
+        return (rnd.samples, rnd.pixels, rnd.result, adv, local,
+                float(rnd.result.metrics.get("generated_tokens", 0.0)))
+    got = dynamic_sampling.gather_groups(lambda r: _sampling_round(parts, cfg, pg, step, r),
+                                         target_groups=cfg.rollout.prompts_per_step,
+                                         max_rounds=algo.max_sampling_rounds, low=algo.filter_low,
+                                         high=algo.filter_high, dp_group=pg.dp)
+    everything = RolloutResult.concat([g.result for g in got.generated])
+    local = steps.rollout_metrics(everything, RewardResult.concat([g.rewards for g in got.generated]))
+    generated_groups = everything.num_prompts
+    local.update(got.metrics, **{"filter/kept_fraction": got.metrics["filter/kept_groups"] / generated_groups,
+                                 "filter/generated_prompts": float(generated_groups)})
+    generated = float(everything.metrics.get("generated_tokens", 0.0))
+    if got.samples:
+        adv = steps.Advantages(advantages=group_normalized_advantages(got.rewards, cfg.rollout.n,
+                                                                      norm_by_std=algo.norm_adv_by_std),
+                               kept_rows=torch.arange(len(got.result)), metrics=got.metrics)
+        return got.samples, got.pixels, got.result, adv, local, generated
+    first = got.generated[0]  # nothing to train on here: round 0's rows, made inert by update_batch
+    adv = steps.Advantages(advantages=torch.zeros(0), kept_rows=torch.zeros(0, dtype=torch.long),
+                           metrics=got.metrics)
+    return first.samples, first.pixels, first.result, adv, local, generated
+
+
 def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict[str, float]:
     """One RL step (module docstring); returns metrics reduced over data-parallel ranks."""
     t0 = time.perf_counter()
-    samples = [parts.dataset[parts.rl_indices[i]] for i in parts.sampler.next_batch()]
     model = parts.model_chunks[0]
-    pixels = steps.prompt_pixels(model, samples)
     sync = steps.prepare_engine(parts.engine, parts.model_chunks, pg)  # vLLM: weights in, KV cache back
-    result = steps.rollout(parts.engine, samples, pixels, _sampling_params(cfg, step, pg))
+    samples, pixels, result, adv, local, generated = _gather_step_rollouts(parts, cfg, pg, step)
     parts.engine.release()  # vLLM: sleep, its memory goes back to training
     t_rollout = time.perf_counter() - t0
-    rewards = steps.score(result, samples, parts.tokenizer, cfg.reward)
-    adv = steps.group_advantages(rewards, cfg.rollout.n, cfg.algorithm)
-    local = steps.rollout_metrics(result, rewards)
-    local.update(adv.metrics)
     # Updates are collective over data-parallel replicas: skip only when no replica kept a group
     # (DAPO filter); a replica that kept none takes part with inert rows (no loss, no gradient).
     kept_anywhere = _all_reduce_int(int(adv.kept_rows.numel()), pg.dp, dist.ReduceOp.SUM)
     update_metrics: list[dict[str, float]] = []
-    generated = float(result.metrics.get("generated_tokens", 0.0))
     if kept_anywhere > 0:
         masked_pixels = (steps.masked_prompt_pixels(model, samples, steps.training_masking(
             cfg.masking, cfg.train.seed), step) if cfg.loss.uses_masked_branch else [None] * len(samples))

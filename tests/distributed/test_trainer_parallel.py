@@ -68,11 +68,18 @@ def test_tp2_sp_pp2_vpp_and_cp2_match_tp1(tmp_path):
 
 def test_dapo_data_parallel_completes(tmp_path):
     """DAPO's filter leaves replicas with different row counts; updates are collective, so every
-    replica must take the same number (inert rows pad the short ones): the run must finish."""
+    replica must take the same number (inert rows pad the short ones): the run must finish. With
+    dynamic sampling the replicas run their rounds in lockstep and train on at most
+    rollout.prompts_per_step groups together (per-rank quotas), generating 8 prompts a round."""
     rows = _run(tmp_path, "dapo_dp2", 2, "algorithm.name=dapo", "train.steps=3", "rollout.prompts_per_step=8",
-                "train.update_prompts=2", "train.sft_warmup_steps=6", "train.sft_batch_size=16")
+                "train.update_prompts=2", "train.sft_warmup_steps=6", "train.sft_batch_size=16",
+                "algorithm.max_sampling_rounds=3")
     rl = [r for r in rows.values() if "reward/mean" in r]
     assert len(rl) == 3 and all("filter/kept_groups" in r for r in rl)
+    for r in rl:
+        assert 1 <= r["filter/sampling_rounds"] <= 3
+        assert r["filter/generated_prompts"] == 8 * r["filter/sampling_rounds"]  # summed over both ranks
+        assert r["filter/trained_groups"] == min(8, r["filter/kept_groups"])
 
 
 def test_fused_linear_at_tp2_sp_pp2_and_cp2_matches_the_tp1_logits_path(tmp_path):

@@ -1,5 +1,8 @@
-"""Which passes an RL step runs: GRPO builds no masked images (its objective never reads them);
-PAPO-G builds one masked image per prompt, from a mask seeded by the run's train.seed."""
+"""What an RL step runs: GRPO builds no masked images (its objective never reads them);
+PAPO-G builds one masked image per prompt, from a mask seeded by the run's train.seed; DAPO
+dynamic sampling refills the batch."""
+
+import torch
 
 from megatron_papo.config import load_config
 from megatron_papo.training import steps, trainer
@@ -33,3 +36,32 @@ def test_papo_masks_are_seeded_by_the_run(pg, tmp_path, monkeypatch):
     calls, cfg = _rl_step_mask_calls(pg, tmp_path, monkeypatch, "examples/tiny_papo_g.yaml")
     assert calls == [steps.training_masking(cfg.masking, cfg.train.seed).seed]
     assert calls[0] != cfg.masking.seed
+
+
+def test_dapo_refill_trains_a_constant_batch(pg, tmp_path, monkeypatch):
+    """PAPO-D with dynamic sampling: when only every third prompt's group survives the filter,
+    the step runs several rounds and still trains on exactly rollout.prompts_per_step groups; the
+    sampler advanced by every round's prompts;
+    with max_sampling_rounds=1 the same step trains on the survivors of one round only."""
+    from megatron_papo.rewards import RewardResult
+
+    def score(result, samples, tokenizer, reward):  # a group survives iff its prompt index % 3 == 0
+        acc = torch.tensor([float(s.index % 3 == 0 and k % 2 == 0) for s in samples
+                            for k in range(result.group_size)])
+        return RewardResult(reward=acc, accuracy=acc, format=torch.ones_like(acc), num_parse_failures=0)
+
+    monkeypatch.setattr(steps, "score", score)
+    rows = {}
+    for rounds in (20, 1):
+        cfg = load_config(str(ROOT / "examples/tiny_papo_d.yaml"),
+                          [*STEPS, "model.num_layers=1", f"logging.dir={tmp_path}/run{rounds}",
+                           "data.shuffle=false", f"algorithm.max_sampling_rounds={rounds}"])
+        parts = build_parts(cfg, pg)
+        before = parts.sampler.state_dict()
+        rows[rounds] = m = trainer.rl_step(parts, cfg, pg, 0)
+        after = parts.sampler.state_dict()
+        drawn = after["position"] - before["position"]
+        assert drawn == m["filter/sampling_rounds"] * cfg.rollout.prompts_per_step
+    target = cfg.rollout.prompts_per_step
+    assert rows[20]["filter/trained_groups"] == target and rows[20]["filter/sampling_rounds"] > 1
+    assert rows[1]["filter/sampling_rounds"] == 1 and rows[1]["filter/trained_groups"] < target
