@@ -216,7 +216,7 @@ def _objective(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mas
 
     if masked_log_probs is not None and not config.masked_grad:
         masked_log_probs = masked_log_probs.detach()
-    if config.uses_masked_branch:
+    if config.gamma > 0:  # the KL term; entropy_coef_mask alone reads the masked branch below
         if config.kl_prcp_mode == "full":
             if full_kl is None:
                 raise ValueError("papo loss: kl_prcp_mode='full' needs logits of both branches; "

@@ -170,3 +170,17 @@ def test_shape_and_mode_errors():
     with pytest.raises(ValueError, match="need logits"):
         papo_loss_from_log_probs(lp, lp, lp, torch.zeros(1), torch.ones(1, 2),
                                  config=_cfg(kl_prcp_mode="full"))
+
+
+def test_masked_entropy_alone_with_kl_mode_full_runs():
+    """gamma = 0 with entropy_coef_mask > 0 and kl_prcp_mode 'full': no KL term (so no logits
+    needed), the masked entropy still enters the loss: loss = pg + eta2 * H_mask exactly."""
+    lp, mlp = t([-1.0, -2.0]), t([-0.5, -3.0])  # [1, 2]
+    cfg = PapoLossConfig(gamma=0.0, kl_prcp_mode="full", entropy_coef_orig=0.0, entropy_coef_mask=0.1,
+                         ref_kl_coef=0.0)
+    loss, m = papo_loss_from_log_probs(lp, lp.clone(), mlp, torch.ones(1, dtype=torch.float64),
+                                       torch.ones(1, 2, dtype=torch.bool),
+                                       config=cfg)
+    assert "kl_prcp" not in m
+    assert float(m["entropy_mask"]) == pytest.approx(1.75)
+    assert float(loss) == pytest.approx(float(m["pg_loss"]) + 0.1 * 1.75)
