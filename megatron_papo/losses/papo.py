@@ -230,7 +230,9 @@ def _objective(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mas
                                                                          config.log_ratio_clamp)
             raw = torch.exp(d) - d - 1.0
         kl_tok = raw.clamp(min=0.0, max=config.kl_prcp_clip)
-        kl_prcp = tok_mean(kl_tok)
+        # aggregated like the policy term (config.loss_agg), as the reference does
+        kl_prcp = aggregate(kl_tok, mask, config.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                            row_tokens=row_tokens)
         loss = loss - gamma * kl_prcp
         metrics["kl_prcp"] = kl_prcp.detach()
         metrics["kl_prcp_clipfrac"] = tok_mean((raw.detach() >= config.kl_prcp_clip).to(log_probs.dtype))

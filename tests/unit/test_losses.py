@@ -184,3 +184,20 @@ def test_masked_entropy_alone_with_kl_mode_full_runs():
     assert "kl_prcp" not in m
     assert float(m["entropy_mask"]) == pytest.approx(1.75)
     assert float(loss) == pytest.approx(float(m["pg_loss"]) + 0.1 * 1.75)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_kl_prcp_is_aggregated_with_loss_agg(agg):
+    """KL_prcp uses loss.loss_agg like the policy term: per-token k3 values of two uneven rows
+    (3 and 1 valid tokens) aggregated by hand."""
+    lp = t([-1.0, -2.0, -0.5], [-1.5, 0.0, 0.0])
+    mlp = t([-0.5, -3.0, -1.0], [-0.2, 0.0, 0.0])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    cfg = PapoLossConfig(gamma=0.1, kl_prcp_mode="k3", entropy_coef_orig=0.0, entropy_coef_mask=0.0,
+                         ref_kl_coef=0.0, loss_agg=agg, kl_prcp_clip=1e9)
+    _, m = papo_loss_from_log_probs(lp, lp.clone(), mlp, torch.ones(2, dtype=torch.float64), mask, config=cfg)
+    d = mlp - lp
+    k3 = (torch.exp(d) - d - 1.0) * mask
+    want = {"token-mean": k3.sum() / 4, "seq-mean-token-mean": (k3[0].sum() / 3 + k3[1].sum()) / 2,
+            "seq-mean-token-sum": k3.sum() / 2}[agg]
+    assert float(m["kl_prcp"]) == pytest.approx(float(want), rel=1e-12)
