@@ -12,6 +12,7 @@ from megatron_papo.rewards.math_reward import (
     check_answer,
     compute_rewards,
     format_reward,
+    reference_format_reward,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "compute_rewards",
     "extract_last_boxed",
     "format_reward",
+    "reference_format_reward",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,12 @@ class RewardConfig:
     require_think: bool = True
     """If False, the format term only asks for a ``\\boxed{...}`` answer anywhere."""
 
+    format_style: str = "reference"
+    """How the think-then-box format is checked: ``reference`` (the PAPO / EasyR1 rule:
+    whitespace around ``<``, ``>``, ``/`` removed, then a greedy full match of
+    ``<think>.*</think>.*\\boxed{.*}.*``) or ``strict`` (exactly one think block first, a complete
+    non-empty box after it, nothing else tag-like)."""
+
     math_timeout_s: int = 5
     """Seconds math_verify may spend per parse/compare (main thread only; 0 disables)."""
 
@@ -73,6 +80,9 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.math_timeout_s must be an int, got {self.math_timeout_s!r}")
         if self.math_timeout_s < 0:
             raise ValueError(f"RewardConfig.math_timeout_s must be >= 0, got {self.math_timeout_s}")
+        if self.format_style not in FORMAT_STYLES:
+            raise ValueError(f"RewardConfig.format_style must be one of {list(FORMAT_STYLES)}, "
+                             f"got {self.format_style!r}")
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,7 @@ def accuracy_reward(response: str, ground_truth: str, *, timeout_s: int | None =
 # Format
 # --------------------------------------------------------------------------------------
 
+FORMAT_STYLES = ("reference", "strict")
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
 
@@ -200,8 +211,20 @@ def _has_box(text: str) -> bool:
     return content is not None and content.strip() != ""
 
 
-def format_reward(response: str, *, require_think: bool = True) -> float:
-    """1.0 iff ``response`` is ``<think>...</think>`` followed by text containing ``\\boxed{...}``.
+_TAG_SPACE = re.compile(r"\s*(<|>|/)\s*")
+_REFERENCE_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+
+
+def reference_format_reward(response: str) -> float:
+    """The PAPO reference's format check: 1.0 iff, after removing whitespace around ``<``, ``>``
+    and ``/``, the whole response matches ``<think>.*</think>.*\\boxed{.*}.*`` (greedy,
+    newlines included; an empty box and repeated think blocks pass)."""
+    return 1.0 if _REFERENCE_FORMAT.fullmatch(_TAG_SPACE.sub(r"\1", response or "")) else 0.0
+
+
+def format_reward(response: str, *, require_think: bool = True, style: str = "strict") -> float:
+    """``style="reference"``: :func:`reference_format_reward`. ``style="strict"``: 1.0 iff
+    ``response`` is ``<think>...</think>`` followed by text containing ``\\boxed{...}``.
 
     Whitespace around the parts is ignored; exactly one think block, before the answer,
     with nothing but whitespace before it; the box must be complete and non-empty. With
@@ -211,6 +234,10 @@ def format_reward(response: str, *, require_think: bool = True) -> float:
         return 0.0
     if not require_think:
         return 1.0 if _has_box(response) else 0.0
+    if style == "reference":
+        return reference_format_reward(response)
+    if style != "strict":
+        raise ValueError(f"format_reward: style must be one of {list(FORMAT_STYLES)}, got {style!r}")
     text = response.lstrip()
     if not text.startswith(_THINK_OPEN):
         return 0.0
@@ -249,7 +276,7 @@ def compute_rewards(
         check = check_answer(response, truth, timeout_s=config.math_timeout_s)
         failures += int(check.parse_failed)
         accuracy.append(1.0 if check.correct else 0.0)
-        fmt.append(format_reward(response, require_think=config.require_think))
+        fmt.append(format_reward(response, require_think=config.require_think, style=config.format_style))
     acc_t = torch.tensor(accuracy, dtype=torch.float32)
     fmt_t = torch.tensor(fmt, dtype=torch.float32)
     reward = config.accuracy_weight * acc_t + config.format_weight * fmt_t

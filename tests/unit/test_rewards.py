@@ -12,6 +12,7 @@ from megatron_papo.rewards import (
     compute_rewards,
     extract_last_boxed,
     format_reward,
+    reference_format_reward,
 )
 
 
@@ -124,6 +125,7 @@ def test_garbage_never_raises():
 )
 def test_format_ok(response):
     assert format_reward(response) == 1.0
+    assert format_reward(response, style="reference") == 1.0  # what strict accepts, the reference does
 
 
 @pytest.mark.parametrize(
@@ -144,6 +146,30 @@ def test_format_ok(response):
 )
 def test_format_bad(response):
     assert format_reward(response) == 0.0
+
+
+@pytest.mark.parametrize("response,reference", [
+    ("<think>a</think><think>b</think> \\boxed{1}", 1.0),  # greedy: repeated think blocks pass
+    ("<think>a <think>b</think> \\boxed{1}", 1.0),
+    ("<think>a</think> \\boxed{1} </think>", 1.0),
+    ("<think>step</think> \\boxed{}", 1.0),  # an empty box passes the reference
+    ("< think >step< / think > \\boxed{2}", 1.0),  # whitespace around < > / is removed first
+    ("  <think>x</think>\n\\boxed{2}", 1.0),
+    ("intro <think>step</think> \\boxed{1}", 0.0),  # full match: nothing before the think block
+    ("<think>step \\boxed{1}</think>", 0.0),
+    ("<think>step</think> \\boxed{1", 0.0),
+    ("<think>step</think> the answer is 1", 0.0),
+    ("", 0.0),
+])
+def test_reference_format_rule(response, reference):
+    """The PAPO / EasyR1 rule (whitespace around < > / removed, greedy full match of
+    <think>.*</think>.*\\boxed{.*}.*), worked by hand per case; strict refuses the first five."""
+    assert reference_format_reward(response) == reference
+    assert format_reward(response, style="reference") == reference
+    for style, want in (("reference", reference), ("strict", format_reward(response))):
+        assert compute_rewards([response], ["1"], RewardConfig(format_style=style)).format.item() == want
+    with pytest.raises(ValueError, match="format_style"):
+        RewardConfig(format_style="loose")
 
 
 def test_format_without_think():
