@@ -133,6 +133,14 @@ class PapoLossConfig:
         return self.gamma > 0 or self.entropy_coef_mask > 0
 
     @property
+    def masked_in_update(self) -> bool:
+        """True when the update itself runs the masked branch (both branches in one pass): its
+        logits are needed (full KL / entropies) or its gradient (masked_grad). The masked
+        log-probs then come from that pass, on the weights being updated, and no separate no-grad
+        masked pass runs before the update."""
+        return self.uses_masked_branch and (self.masked_grad or self.needs_logits)
+
+    @property
     def needs_logits(self) -> bool:
         """True when a term needs full logits (full KL or full entropies)."""
         return (self.gamma > 0 and self.kl_prcp_mode == "full") or self.entropy_mode == "full"

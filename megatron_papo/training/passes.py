@@ -126,7 +126,7 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
     the chunks return hidden states and the loss multiplies by the output weight tile by tile
     (losses.papo_loss_from_hidden): no logits are formed, forward or backward.
     """
-    both = loss_config.uses_masked_branch and (loss_config.masked_grad or loss_config.needs_logits)
+    both = loss_config.masked_in_update
     batch = pad_columns(batch, sequence_multiple(ddp_chunks))
     mbs = micro_batch_dicts(batch, micro_batch_size, both_branches=both, cp_rank=pg.cp_rank,
                             cp_size=pg.cp_size)

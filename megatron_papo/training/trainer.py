@@ -81,11 +81,12 @@ def _sampling_params(cfg: PapoConfig, step: int, pg: ProcessGroups) -> SamplingP
 
 
 def fill_log_probs(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: ProcessGroups) -> None:
-    """The no-grad passes: old (original image), masked (masked image), reference (if beta > 0)."""
+    """The no-grad passes: old (original image), masked (masked image; only when the update does
+    not run the masked branch itself, ``loss.masked_in_update``), reference (if beta > 0)."""
     kw = dict(micro_batch_size=cfg.train.micro_batch_size, tp_group=pg.tp,
               vocab_size=parts.tokenizer.vocab_size, cp_group=pg.cp, fused_linear=cfg.loss.fused_linear)
     batch.old_log_probs = compute_log_probs(parts.model_chunks, batch, **kw)
-    if cfg.loss.uses_masked_branch:
+    if cfg.loss.uses_masked_branch and not cfg.loss.masked_in_update:
         batch.masked_log_probs = compute_log_probs(parts.model_chunks, batch, masked_branch=True, **kw)
     if parts.ref_chunks is not None:
         batch.ref_log_probs = compute_log_probs(parts.ref_chunks, batch, **kw)

@@ -65,3 +65,34 @@ def test_dapo_refill_trains_a_constant_batch(pg, tmp_path, monkeypatch):
     target = cfg.rollout.prompts_per_step
     assert rows[20]["filter/trained_groups"] == target and rows[20]["filter/sampling_rounds"] > 1
     assert rows[1]["filter/sampling_rounds"] == 1 and rows[1]["filter/trained_groups"] < target
+
+
+def _masked_pass_count(pg, tmp_path, monkeypatch, loss: list[str]) -> tuple[int, dict]:
+    from megatron_papo.training import passes
+
+    cfg = load_config(str(ROOT / "examples/tiny_papo_g.yaml"),
+                      [*STEPS, "model.num_layers=1", f"logging.dir={tmp_path}/run", *loss])
+    parts = build_parts(cfg, pg)
+    calls = []
+    real = passes.compute_log_probs
+
+    def spy(chunks, batch, *, masked_branch=False, **kw):
+        calls.append(masked_branch)
+        return real(chunks, batch, masked_branch=masked_branch, **kw)
+
+    monkeypatch.setattr(trainer, "compute_log_probs", spy)
+    metrics = trainer.rl_step(parts, cfg, pg, 0)
+    return sum(calls), metrics
+
+
+def test_no_grad_masked_pass_runs_only_when_the_update_does_not_run_the_masked_branch(pg, tmp_path,
+                                                                                       monkeypatch):
+    """Sampled forms (k3, sampled entropies, masked_grad off): one no-grad masked pass feeds the
+    update. Full KL / entropies: the update runs both branches in one pass, so the no-grad masked
+    pass would be thrown away: it does not run, and the step still reports kl_prcp."""
+    sampled, m1 = _masked_pass_count(pg, tmp_path, monkeypatch, ["loss.kl_prcp_mode=k3",
+                                                                 "loss.entropy_mode=sampled"])
+    full, m2 = _masked_pass_count(pg, tmp_path, monkeypatch, ["loss.kl_prcp_mode=full",
+                                                              "loss.entropy_mode=full"])
+    assert (sampled, full) == (1, 0)
+    assert "kl_prcp" in m1 and "kl_prcp" in m2
