@@ -85,7 +85,13 @@ class PapoLossConfig:
     gamma_final_factor: float = 0.0
     """Factor reached at the end of the linear schedule (then held)."""
     loss_agg: LossAgg = "token-mean"
-    """Aggregation of L_pg and L_refkl: token-mean, seq-mean-token-mean or seq-mean-token-sum."""
+    """Aggregation of L_pg, L_refkl and KL_prcp: token-mean, seq-mean-token-mean or seq-mean-token-sum."""
+    token_mean_scope: Literal["global", "micro_batch"] = "global"
+    """What a token mean divides by. "global": the token (sequence) count of the whole update
+    batch over all data-parallel ranks, so every token weighs the same whatever the micro-batch
+    split (the default). "micro_batch": each micro-batch's own count, then the mean over
+    micro-batches and data-parallel ranks (the reference's arithmetic; a token in a short
+    micro-batch weighs more)."""
     op_impl: Literal["auto", "torch", "triton"] = "auto"
     """Backend of the full-vocabulary token statistics (ops.papo_token_stats): "triton" = fused
     kernels (CUDA), "torch" = chunked torch ops, "auto" = triton on CUDA when it imports."""
@@ -118,7 +124,8 @@ class PapoLossConfig:
                 raise bad(name, "a value > 0")
         choices = {"ref_kl_estimator": KL_ESTIMATORS, "kl_prcp_mode": ("k3", "full"),
                    "entropy_mode": ("sampled", "full"), "gamma_schedule": ("constant", "linear"),
-                   "loss_agg": LOSS_AGGS, "op_impl": ("auto", "torch", "triton")}
+                   "loss_agg": LOSS_AGGS, "op_impl": ("auto", "torch", "triton"),
+                   "token_mean_scope": ("global", "micro_batch")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"one of {list(allowed)}")

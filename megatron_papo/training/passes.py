@@ -111,6 +111,21 @@ def share_from_last_stage(metrics: dict[str, float], pg: ProcessGroups) -> dict[
     return broadcast_object(metrics, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pg.pp)
 
 
+def micro_batch_normalisers(row_tokens: Tensor, num_microbatches: int, dp_size: int) -> tuple[Tensor, Tensor]:
+    """``loss.token_mean_scope: micro_batch``: the (token, sequence) divisors that make a
+    micro-batch's loss share its own masked mean divided by ``num_microbatches * dp_size``.
+
+    The schedule's scaling (dp * M) and the DDP average then leave the gradient of
+    ``mean over ranks and micro-batches of (micro-batch masked mean)``: the reference's
+    arithmetic. ``row_tokens`` [mbs] counts each whole row's loss tokens (before any
+    context-parallel split, so cp ranks agree); an inert micro-batch (no tokens) divides by 1.
+    """
+    scale = num_microbatches * dp_size
+    tokens = row_tokens.sum().clamp(min=1).to(torch.float32) * scale
+    seqs = (row_tokens > 0).sum().clamp(min=1).to(torch.float32) * scale
+    return tokens, seqs
+
+
 def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: TrainBatch,
                 loss_config: PapoLossConfig, *, micro_batch_size: int, pg: ProcessGroups, vocab_size: int,
                 step: int) -> dict[str, float]:
@@ -118,8 +133,9 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
 
     Token means are global over the data-parallel ranks and all micro-batches: the loss of each
     micro-batch is its share sum / N_global, scaled by dp * M for megatron-core's schedule and
-    DDP averaging (schedule module docstring). The ranks of a context-parallel group hold the
-    same rows (N_global counts them once, over the dp group) and each computes the share of its
+    DDP averaging (schedule module docstring); with ``loss.token_mean_scope: micro_batch`` each
+    micro-batch's own count instead (``micro_batch_normalisers``). The ranks of a context-parallel
+    group hold the same rows (N_global counts them once, over the dp group) and each computes the share of its
     zigzag shard; the shares of all dp x cp ranks add up to the global mean. When the masked
     branch needs logits at update time (full KL/entropies, or masked_grad), each micro-batch
     carries both branches and one pipeline pass computes both. With ``loss_config.fused_linear``
@@ -137,9 +153,12 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
         masked = None
         if both:
             out, masked = out.chunk(2, dim=0)
+        n_tok, n_seq = num_tokens, num_seqs
+        if loss_config.token_mean_scope == "micro_batch":
+            n_tok, n_seq = micro_batch_normalisers(mb["row_tokens"], len(mbs), pg.dp_size)
         kw = dict(config=loss_config, masked_log_probs=mb["masked_log_probs"],
                   ref_log_probs=mb["ref_log_probs"], tp_group=pg.tp, vocab_size=vocab_size, step=step,
-                  num_tokens=num_tokens, num_seqs=num_seqs,
+                  num_tokens=n_tok, num_seqs=n_seq,
                   row_tokens=mb["row_tokens"] if pg.cp_size > 1 else None, check_finite=False)
         if loss_config.fused_linear:
             return papo_loss_from_hidden(out, weight, mb["target"], mb["old_log_probs"], mb["advantages"],
