@@ -86,6 +86,10 @@ class PapoLossConfig:
     """Factor reached at the end of the linear schedule (then held)."""
     loss_agg: LossAgg = "token-mean"
     """Aggregation of L_pg, L_refkl and KL_prcp: token-mean, seq-mean-token-mean or seq-mean-token-sum."""
+    divide_logits_by_temperature: bool = True
+    """RL log-prob passes (old, masked, reference, update) divide the logits by
+    rollout.temperature, as the reference does (no effect at temperature 1); False = the plain
+    temperature-1 policy. The warm start and evaluation never do."""
     token_mean_scope: Literal["global", "micro_batch"] = "global"
     """What a token mean divides by. "global": the token (sequence) count of the whole update
     batch over all data-parallel ranks, so every token weighs the same whatever the micro-batch

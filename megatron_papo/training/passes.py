@@ -74,10 +74,22 @@ def output_log_probs(out: Tensor, target: Tensor, tp_group: dist.ProcessGroup | 
     return linear_vocab_parallel_log_probs(out, weight, target, tp_group, vocab_size, check_finite=False)
 
 
+def with_temperature(out: Tensor, weight: Tensor | None, temperature: float) -> tuple[Tensor, Tensor | None]:
+    """(logits / T, None), or on the fused path (hidden, weight / T): the same scaled logits
+    either way (differentiable; identity at T = 1)."""
+    if temperature == 1.0:
+        return out, weight
+    if weight is None:
+        return out / temperature, None
+    return out, weight / temperature
+
+
 def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch, *, micro_batch_size: int,
                       tp_group: dist.ProcessGroup | None, vocab_size: int, masked_branch: bool = False,
-                      cp_group: dist.ProcessGroup | None = None, fused_linear: bool = False) -> Tensor | None:
-    """No-grad per-token log-probs [R, S] of batch.target (original or masked images).
+                      cp_group: dist.ProcessGroup | None = None, fused_linear: bool = False,
+                      temperature: float = 1.0) -> Tensor | None:
+    """No-grad per-token log-probs [R, S] of batch.target (original or masked images), of the
+    policy at ``temperature`` (logits / temperature, the reference's log-prob passes).
 
     Under context parallelism (`cp_group` of size > 1) each rank computes its zigzag shard and
     the [R, S] result is all-gathered over the cp group (a per-token tensor, never logits).
@@ -88,7 +100,8 @@ def compute_log_probs(model_chunks: Sequence[torch.nn.Module], batch: TrainBatch
     cp_rank, cp_size = rank_and_size(cp_group)
 
     def loss_fn(mb: Mapping[str, Any], out: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        lp = output_log_probs(out, mb["target"], tp_group, vocab_size, weight)
+        out_t, weight_t = with_temperature(out, weight, temperature)
+        lp = output_log_probs(out_t, mb["target"], tp_group, vocab_size, weight_t)
         return out.new_zeros(()), {"log_probs": gather_from_context_parallel(lp, cp_group, dim=1)}
 
     padded = pad_columns(batch, sequence_multiple(model_chunks))
@@ -128,7 +141,7 @@ def micro_batch_normalisers(row_tokens: Tensor, num_microbatches: int, dp_size: 
 
 def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: TrainBatch,
                 loss_config: PapoLossConfig, *, micro_batch_size: int, pg: ProcessGroups, vocab_size: int,
-                step: int) -> dict[str, float]:
+                step: int, temperature: float = 1.0) -> dict[str, float]:
     """One optimizer update on `batch` with the PAPO objective; returns reduced metrics.
 
     Token means are global over the data-parallel ranks and all micro-batches: the loss of each
@@ -151,6 +164,7 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
 
     def loss_fn(mb: Mapping[str, Any], out: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         masked = None
+        out, w = with_temperature(out, weight, temperature)
         if both:
             out, masked = out.chunk(2, dim=0)
         n_tok, n_seq = num_tokens, num_seqs
@@ -161,7 +175,7 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
                   num_tokens=n_tok, num_seqs=n_seq,
                   row_tokens=mb["row_tokens"] if pg.cp_size > 1 else None, check_finite=False)
         if loss_config.fused_linear:
-            return papo_loss_from_hidden(out, weight, mb["target"], mb["old_log_probs"], mb["advantages"],
+            return papo_loss_from_hidden(out, w, mb["target"], mb["old_log_probs"], mb["advantages"],
                                          mb["loss_mask"], masked_hidden=masked, **kw)
         return papo_loss(out, mb["target"], mb["old_log_probs"], mb["advantages"], mb["loss_mask"],
                          masked_logits=masked, **kw)

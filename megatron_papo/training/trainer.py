@@ -80,11 +80,18 @@ def _sampling_params(cfg: PapoConfig, step: int, pg: ProcessGroups) -> SamplingP
     return SamplingParams.from_config(cfg.rollout, seed=steps.derive_seed(cfg.train.seed, step, pg.dp_rank))
 
 
+def log_prob_temperature(cfg: PapoConfig) -> float:
+    """Temperature of the RL log-prob passes (old, masked, reference, update): the sampling
+    temperature when ``loss.divide_logits_by_temperature`` (the reference), else 1."""
+    return cfg.rollout.temperature if cfg.loss.divide_logits_by_temperature else 1.0
+
+
 def fill_log_probs(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: ProcessGroups) -> None:
     """The no-grad passes: old (original image), masked (masked image; only when the update does
     not run the masked branch itself, ``loss.masked_in_update``), reference (if beta > 0)."""
     kw = dict(micro_batch_size=cfg.train.micro_batch_size, tp_group=pg.tp,
-              vocab_size=parts.tokenizer.vocab_size, cp_group=pg.cp, fused_linear=cfg.loss.fused_linear)
+              vocab_size=parts.tokenizer.vocab_size, cp_group=pg.cp, fused_linear=cfg.loss.fused_linear,
+              temperature=log_prob_temperature(cfg))
     batch.old_log_probs = compute_log_probs(parts.model_chunks, batch, **kw)
     if cfg.loss.uses_masked_branch and not cfg.loss.masked_in_update:
         batch.masked_log_probs = compute_log_probs(parts.model_chunks, batch, masked_branch=True, **kw)
@@ -123,7 +130,8 @@ def _update(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: ProcessGroups,
             lr = parts.lr_schedule.apply(parts.optimizer)
             m = papo_update(parts.ddp_chunks, parts.optimizer, mini, loss_config,
                             micro_batch_size=cfg.train.micro_batch_size, pg=pg,
-                            vocab_size=parts.tokenizer.vocab_size, step=step)
+                            vocab_size=parts.tokenizer.vocab_size, step=step,
+                            temperature=log_prob_temperature(cfg))
             if not m.get("update_skipped"):
                 parts.lr_schedule.advance()
             out.append({**m, "lr": lr})

@@ -96,3 +96,45 @@ def test_no_grad_masked_pass_runs_only_when_the_update_does_not_run_the_masked_b
                                                               "loss.entropy_mode=full"])
     assert (sampled, full) == (1, 0)
     assert "kl_prcp" in m1 and "kl_prcp" in m2
+
+
+def test_log_prob_passes_divide_the_logits_by_the_sampling_temperature():
+    """with_temperature + output_log_probs = log_softmax(logits / T) gathered, on the logits path
+    and on the fused path (hidden states and weight / T); T = 1 is the identity. fp32, V = 11:
+    equal to 1e-6 (one rounding of each of ~V terms)."""
+    from megatron_papo.training.passes import output_log_probs, with_temperature
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 8, generator=g), torch.randn(11, 8, generator=g)
+    target = torch.randint(0, 11, (2, 5), generator=g)
+    logits = hidden @ weight.T
+    for temp in (1.0, 0.7, 2.0):
+        want = torch.log_softmax(logits / temp, dim=-1).gather(-1, target[..., None])[..., 0]
+        out, w = with_temperature(logits, None, temp)
+        assert torch.allclose(output_log_probs(out, target, None, 11, w), want, atol=1e-6)
+        out, w = with_temperature(hidden, weight, temp)
+        assert torch.allclose(output_log_probs(out, target, None, 11, w), want, atol=1e-5)
+    assert with_temperature(logits, None, 1.0)[0] is logits
+
+
+def test_fill_log_probs_uses_the_rollout_temperature(pg, tmp_path, monkeypatch):
+    """rollout.temperature = 2: the old log-probs are those of the policy at T = 2 unless
+    loss.divide_logits_by_temperature is false."""
+    from megatron_papo.training import passes
+
+    seen = []
+    real = passes.compute_log_probs
+
+    def spy(chunks, batch, **kw):
+        seen.append(kw["temperature"])
+        return real(chunks, batch, **kw)
+
+    monkeypatch.setattr(trainer, "compute_log_probs", spy)
+    for divide, want in (("true", 2.0), ("false", 1.0)):
+        cfg = load_config(str(ROOT / "examples/tiny_papo_g.yaml"),
+                          [*STEPS, "model.num_layers=1", f"logging.dir={tmp_path}/run",
+                           "rollout.temperature=2.0", f"loss.divide_logits_by_temperature={divide}"])
+        parts = build_parts(cfg, pg)
+        seen.clear()
+        trainer.rl_step(parts, cfg, pg, 0)
+        assert seen and set(seen) == {want}
