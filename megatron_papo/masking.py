@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 FILL_MODES = ("black", "mean", "noise")
+MASK_SPACES = ("model_input", "raw")
 
 ImageT = TypeVar("ImageT")
 
@@ -57,7 +58,13 @@ class MaskingConfig:
     """How the masked image I_mask is built from the original image."""
 
     cell_size: int = 14
-    """Side of a square masking cell, in pixels of the raw (un-resized) image."""
+    """Side of a square masking cell, in pixels of the image the mask is drawn on (``space``)."""
+
+    space: str = "model_input"
+    """Where the mask is drawn: "model_input" = on the image resized as the model's preprocessing
+    resizes it (the reference: it masks after its resize to the [min, max] pixel bounds, so a
+    14-px cell is one Qwen ViT patch), or "raw" = on the image as loaded (a cell then covers
+    cell_size / scale model-input pixels)."""
 
     ratio: float = 0.6
     """Probability that a cell is hidden, in [0, 1]. 1.0 hides the whole image and is known
@@ -79,6 +86,8 @@ class MaskingConfig:
             raise ValueError(f"MaskingConfig.ratio must be a number, got {self.ratio!r}")
         if not 0.0 <= float(self.ratio) <= 1.0:
             raise ValueError(f"MaskingConfig.ratio must lie in [0, 1], got {self.ratio}")
+        if self.space not in MASK_SPACES:
+            raise ValueError(f"MaskingConfig.space must be one of {MASK_SPACES}, got {self.space!r}")
         if self.fill not in FILL_MODES:
             raise ValueError(f"MaskingConfig.fill must be one of {FILL_MODES}, got {self.fill!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

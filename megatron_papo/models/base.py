@@ -114,6 +114,13 @@ class VisionLanguageModel(MegatronModule):
         """Image-token placeholders that one image of height/width ``image_hw`` needs in the text."""
         raise NotImplementedError
 
+    def resized_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) :meth:`preprocess_images` resizes an image of ``image_hw`` to
+        (the model input's size; default: the fixed ``image_size``)."""
+        if len(image_hw) != 2 or min(image_hw) < 1:
+            raise ValueError(f"image_hw must be a positive (height, width), got {image_hw!r}")
+        return tuple(self.image_size)
+
     def preprocess_images(self, images: Sequence[Any]) -> Tensor:
         """PIL images / uint8 CHW tensors -> pixel_values [N, C, H, W] float for :meth:`forward`."""
         raise NotImplementedError
@@ -435,6 +442,36 @@ def scatter_image_features(text_embeddings: Tensor, input_ids: Tensor, image_tok
     batch_first = text_embeddings.transpose(0, 1)  # [B, S, H]
     merged = batch_first.masked_scatter(is_image.unsqueeze(-1), image_features.to(batch_first.dtype))
     return merged.transpose(0, 1).contiguous()
+
+
+def image_hw(image: Any) -> tuple[int, int]:
+    """(height, width) of a PIL image, a CHW tensor or an HWC array."""
+    if hasattr(image, "size") and not callable(image.size) and not isinstance(image, np.ndarray):
+        width, height = image.size  # PIL
+        return int(height), int(width)
+    if isinstance(image, Tensor):
+        return int(image.shape[-2]), int(image.shape[-1])
+    return int(image.shape[0]), int(image.shape[1])  # HWC array
+
+
+def resize_image(image: Any, hw: tuple[int, int]) -> Any:
+    """``image`` (PIL, uint8/float CHW tensor or uint8 HWC array) resized to ``hw`` = (H, W),
+    bicubic (the Qwen image processor's resampling), same kind out (arrays come back as uint8
+    CHW tensors); returned as it is when it already has that size."""
+    if hasattr(image, "resize") and hasattr(image, "size") and not isinstance(image, Tensor | np.ndarray):
+        from PIL import Image
+
+        if image.size == (hw[1], hw[0]):
+            return image
+        return image.resize((hw[1], hw[0]), Image.Resampling.BICUBIC)
+    chw = _to_uint8_chw(image)
+    if tuple(chw.shape[1:]) == tuple(hw):
+        return chw
+    out = torch.nn.functional.interpolate(chw[None].float(), size=tuple(hw), mode="bicubic",
+                                          align_corners=False, antialias=True)[0]
+    if chw.is_floating_point():
+        return out.clamp(0.0, 1.0)
+    return out.round().clamp(0, 255).to(torch.uint8)
 
 
 def _to_uint8_chw(image: Any) -> Tensor:

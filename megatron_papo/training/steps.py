@@ -23,6 +23,7 @@ from megatron_papo.config import AlgorithmConfig
 from megatron_papo.data.dataset import Sample
 from megatron_papo.data.tokenizer import Tokenizer
 from megatron_papo.masking import MaskingConfig, mask_group_images
+from megatron_papo.models.base import image_hw, resize_image
 from megatron_papo.rewards import RewardConfig, RewardResult, compute_rewards
 from megatron_papo.rollout import RolloutEngine, RolloutRequest, RolloutResult, SamplingParams
 from megatron_papo.training.batch import TrainBatch, build_train_batch, inert_rows, pad_rows_to_multiple
@@ -54,8 +55,10 @@ def masked_prompt_pixels(model: torch.nn.Module, samples: Sequence[Sample], mask
     """[P] per prompt: pixels of its patch-masked images (one mask per prompt, seeded by
     (masking.seed, step, sample.index), so independent of the rank and batch split; training
     passes ``training_masking(...)``)."""
-    masked = mask_group_images([list(s.images) for s in samples], 1, masking, step,
-                               prompt_indices=[s.index for s in samples])
+    images = [list(s.images) for s in samples]
+    if masking.space == "model_input":  # the mask's cells are model-input pixels (MaskingConfig.space)
+        images = [[resize_image(im, model.resized_hw(image_hw(im))) for im in row] for row in images]
+    masked = mask_group_images(images, 1, masking, step, prompt_indices=[s.index for s in samples])
     return [model.preprocess_images(m) if m else None for m in masked]
 
 

@@ -323,3 +323,36 @@ def test_training_masks_follow_the_run_seed():
     ma = mask_group_images([[img]], 1, a, step=0, prompt_indices=[7])[0][0]
     mb = mask_group_images([[img]], 1, b, step=0, prompt_indices=[7])[0][0]
     assert not torch.equal(ma, mb)
+
+
+class _HalvingModel:
+    """Stands in for a model whose preprocessing halves each side (as Qwen's processor brings a
+    large image into its pixel bounds); preprocess_images returns the images as they come."""
+
+    def resized_hw(self, hw):
+        return hw[0] // 2, hw[1] // 2
+
+    def preprocess_images(self, images):
+        return torch.stack([torch.as_tensor(np.array(im)).permute(2, 0, 1) for im in images])
+
+
+@pytest.mark.parametrize("space,side,cells", [("model_input", 56, 4), ("raw", 112, 8)])
+def test_masks_are_drawn_in_model_input_pixels_by_default(space, side, cells):
+    """A 112 px image for a model that halves it: in model_input space the image is resized to
+    56 px first and a 14-px cell is one 14-px block of the model input (4 x 4 cells); in raw
+    space the cells are 14 raw pixels (8 x 8 cells, 7 model-input pixels after the halving)."""
+    from megatron_papo.data.dataset import Sample
+    from megatron_papo.training.steps import masked_prompt_pixels
+
+    img = Image.new("RGB", (112, 112), (200, 200, 200))
+    sample = Sample(prompt_ids=[1], images=[img], answer="a", question="q", source="x:0", index=3)
+    cfg = MaskingConfig(ratio=0.5, cell_size=14, seed=1, space=space)
+    px = masked_prompt_pixels(_HalvingModel(), [sample], cfg, step=0)[0][0]  # [3, side, side]
+    assert tuple(px.shape) == (3, side, side)
+    blocks = px[0].reshape(cells, 14, cells, 14).permute(0, 2, 1, 3).reshape(cells, cells, -1)
+    assert bool((blocks == blocks[..., :1]).all())  # every cell is all hidden or all kept
+    hidden = (blocks[..., 0] == 0).float().mean()
+    assert 0 < hidden < 1
+    assert MaskingConfig().space == "model_input"
+    with pytest.raises(ValueError, match="space"):
+        MaskingConfig(space="pixels")

@@ -168,7 +168,7 @@ def test_config_image_patches_follow_the_resolution_settings():
     spec.loader.exec_module(tool)
     qwen = root / "examples/qwen2_5_vl_7b_papo_g.yaml"
     assert tool.config_image_patches(load_config(str(qwen))) == 1003520 // 196  # max_pixels / 14^2
-    assert tool.config_image_patches(load_config(str(qwen), ["model.max_pixels=null",
+    assert tool.config_image_patches(load_config(str(qwen), ["model.max_pixels=null", "model.min_pixels=null",
                                                              "model.image_size=448"])) == 1024
     assert tool.config_image_patches(load_config(str(qwen), ["model.max_pixels=null"])) == 5120  # default
     assert tool.config_image_patches(load_config(str(root / "examples/tiny_papo_g.yaml"))) is None
