@@ -272,6 +272,11 @@ class TrainConfig:
     sft_lr * sft_min_lr_ratio at the last warm-start step."""
     sft_min_lr_ratio: float = 0.1
     """Final warm-start lr as a fraction of sft_lr (sft_lr_decay=cosine only)."""
+    sft_answer_balance: float = 0.0
+    """Warm-start rows are drawn with probability proportional to count(their answer) ** -alpha
+    (this alpha, in [0, 1]): 0 = uniform over rows, 1 = every distinct answer equally often
+    (data.sampler.answer_balanced_weights). Raising it takes the answer prior away from a
+    model that reads only the question, so the warm start has to look at the image."""
     sft_prompts: int = 2000
     """Training prompts reserved for the warm start (the first N of the shuffled set; RL uses the rest)."""
     max_consecutive_nonfinite: int = 3
@@ -696,6 +701,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "train.grad_clip": NON_NEGATIVE, "train.seed": FINITE, "train.sft_warmup_steps": NON_NEGATIVE,
     "train.sft_prompts": NON_NEGATIVE,
     "train.sft_lr_warmup_steps": NON_NEGATIVE, "train.sft_min_lr_ratio": UNIT,
+    "train.sft_answer_balance": UNIT,
     "evaluation.num_prompts": NON_NEGATIVE, "evaluation.k": POSITIVE, "evaluation.temperature": NON_NEGATIVE,
     "evaluation.top_p": OPEN_UNIT_LEFT, "evaluation.interval": Bound(0, also=(-1,)),
     "checkpoint.save_interval": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE,

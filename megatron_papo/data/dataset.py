@@ -312,6 +312,10 @@ class PromptDataset:
                       answer=entry.answer, question=entry.question, source=entry.where, index=index,
                       subset=entry.subset)
 
+    def answer(self, index: int) -> str:
+        """The ground-truth answer of sample ``index``, without reading its image."""
+        return self._entries[index].answer
+
     def subset(self, index: int) -> str:
         """The evaluation subset of sample ``index`` (:attr:`Sample.subset`), without reading its image."""
         return self._entries[index].subset

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -35,6 +38,23 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> list[
     if shuffle:
         random.Random(epoch_seed(seed, epoch)).shuffle(order)
     return order
+
+
+def answer_balanced_weights(answers: Sequence[str], alpha: float) -> torch.Tensor:
+    """[N] float64 sampling weights, ``count(answer_i) ** -alpha`` normalised to sum 1.
+
+    alpha = 0: every row equally likely (the answers' natural frequencies); alpha = 1: every
+    distinct answer equally likely (a frequent answer's rows share its mass), which takes the
+    label prior away from a text-only guess; values between interpolate. Answers are compared
+    as given (the dataset's normalised text).
+    """
+    if not answers:
+        raise ValueError("answer_balanced_weights needs at least one answer")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    counts = Counter(answers)
+    w = torch.tensor([counts[a] ** -alpha for a in answers], dtype=torch.float64)
+    return w / w.sum()
 
 
 @dataclass
@@ -122,4 +142,4 @@ class PromptSampler:
         self.position = position
 
 
-__all__ = ["PromptSampler", "epoch_order", "epoch_seed"]
+__all__ = ["PromptSampler", "answer_balanced_weights", "epoch_order", "epoch_seed"]

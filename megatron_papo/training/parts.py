@@ -23,7 +23,7 @@ from torch import Tensor
 from megatron_papo.config import PapoConfig
 from megatron_papo.data.dataset import PromptDataset, build_prompt_dataset
 from megatron_papo.data.easy_vqa import easy_vqa_tokenizer
-from megatron_papo.data.sampler import PromptSampler
+from megatron_papo.data.sampler import PromptSampler, answer_balanced_weights
 from megatron_papo.data.tokenizer import HFTokenizer, Tokenizer
 from megatron_papo.distributed import ProcessGroups
 from megatron_papo.models import build_model
@@ -188,6 +188,9 @@ class Parts:
     """Dataset indices RL samples from (the SFT slice removed)."""
     sft_indices: list[int]
     sampler: PromptSampler
+    sft_weights: torch.Tensor | None = None
+    """[len(sft_indices)] warm-start sampling weights (train.sft_answer_balance > 0), else None
+    (uniform)."""
     ref_chunks: list[torch.nn.Module] | None = None
     """Frozen reference model when ref_kl_coef > 0."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -233,6 +236,13 @@ def _split_sft(num: int, cfg: PapoConfig) -> tuple[list[int], list[int]]:
     order = torch.randperm(num, generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
     k = min(cfg.train.sft_prompts, num // 2) if cfg.train.sft_warmup_steps > 0 else 0
     return sorted(order[:k]), sorted(order[k:])
+
+
+def _sft_weights(dataset: PromptDataset, sft_indices: list[int], cfg: PapoConfig) -> torch.Tensor | None:
+    """Warm-start sampling weights of train.sft_answer_balance (None = uniform)."""
+    if not sft_indices or cfg.train.sft_answer_balance == 0:
+        return None
+    return answer_balanced_weights([dataset.answer(i) for i in sft_indices], cfg.train.sft_answer_balance)
 
 
 def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
@@ -289,7 +299,8 @@ def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
                                                      role="eval")
     return Parts(tokenizer=tok, model_chunks=chunks, ddp_chunks=ddp_chunks, optimizer=optimizer,
                  lr_schedule=LrSchedule.from_config(cfg.train), engine=engine, dataset=dataset,
-                 rl_indices=rl_idx, sft_indices=sft_idx, sampler=sampler, ref_chunks=ref, extra=extra)
+                 rl_indices=rl_idx, sft_indices=sft_idx, sampler=sampler, ref_chunks=ref, extra=extra,
+                 sft_weights=_sft_weights(dataset, sft_idx, cfg))
 
 
 

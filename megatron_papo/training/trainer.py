@@ -220,7 +220,10 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
     """One supervised warm-start step: cross-entropy on the correct answer in the reward's format."""
     g = torch.Generator().manual_seed(steps.derive_seed(cfg.train.seed, step, 7))
     per_rank = max(1, cfg.train.sft_batch_size // pg.dp_size)
-    pick = torch.randint(0, len(parts.sft_indices), (per_rank * pg.dp_size,), generator=g)
+    if parts.sft_weights is None:
+        pick = torch.randint(0, len(parts.sft_indices), (per_rank * pg.dp_size,), generator=g)
+    else:  # train.sft_answer_balance: rows drawn by their answer's weight
+        pick = torch.multinomial(parts.sft_weights, per_rank * pg.dp_size, replacement=True, generator=g)
     mine = pick[pg.dp_rank * per_rank:(pg.dp_rank + 1) * per_rank].tolist()
     samples = [parts.dataset[parts.sft_indices[i]] for i in mine]
     pixels = steps.prompt_pixels(parts.model_chunks[0], samples)

@@ -487,3 +487,23 @@ def test_shortcut_floors_and_subsets_reach_the_samples(tok):
     assert [ds.subset(i) for i in range(30)] == [ds[i].subset for i in range(30)]
     plain = build_prompt_dataset("easy_vqa:train", DataConfig(limit=3), tok, N_IMG)
     assert plain[0].subset == ""
+
+
+def test_answer_balanced_weights_interpolate_between_rows_and_answers():
+    """alpha 0: each row 1/N; alpha 1: each distinct answer gets mass 1 / (#answers); alpha 0.5:
+    count ** -0.5 normalised (worked by hand for counts 3 and 1)."""
+    import math
+
+    from megatron_papo.data.sampler import answer_balanced_weights
+
+    answers = ["yes", "yes", "yes", "red"]
+    assert answer_balanced_weights(answers, 0.0).tolist() == [0.25] * 4
+    w1 = answer_balanced_weights(answers, 1.0)
+    assert float(w1[:3].sum()) == pytest.approx(0.5) and float(w1[3]) == pytest.approx(0.5)
+    z = 3 / math.sqrt(3) + 1
+    want = [1 / math.sqrt(3) / z] * 3 + [1 / z]
+    assert answer_balanced_weights(answers, 0.5).tolist() == pytest.approx(want)
+    with pytest.raises(ValueError, match="alpha"):
+        answer_balanced_weights(answers, 1.5)
+    with pytest.raises(ValueError, match="at least one"):
+        answer_balanced_weights([], 0.5)

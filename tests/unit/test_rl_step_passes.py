@@ -2,6 +2,7 @@
 PAPO-G builds one masked image per prompt, from a mask seeded by the run's train.seed; DAPO
 dynamic sampling refills the batch."""
 
+import pytest
 import torch
 
 from megatron_papo.config import load_config
@@ -138,3 +139,33 @@ def test_fill_log_probs_uses_the_rollout_temperature(pg, tmp_path, monkeypatch):
         seen.clear()
         trainer.rl_step(parts, cfg, pg, 0)
         assert seen and set(seen) == {want}
+
+
+class _Drawn(Exception):
+    """Stops a warm-start step once its rows are known."""
+
+
+def test_answer_balanced_warm_start_draws_rare_answers_more_often(pg, tmp_path, monkeypatch):
+    """train.sft_answer_balance=1: the warm start's rows follow answer_balanced_weights (each
+    distinct answer about equally often); 0: rows uniformly. Counted over the rows of 30 steps of
+    8 prompts (240 draws): on easy-VQA, yes/no make up ~74% of the rows but 2 of its 13 answers,
+    so balanced draws give them ~2/13 = 15% (binomial s.d. 2.3 points at n = 240)."""
+    answers: list[str] = []
+
+    def record(samples, *args, **kwargs):
+        answers.extend(s.answer for s in samples)
+        raise _Drawn
+
+    monkeypatch.setattr(steps, "sft_update_batch", record)
+    drawn = {}
+    for alpha in (0.0, 1.0):
+        cfg = load_config(str(ROOT / "examples/tiny_papo_g.yaml"),
+                          [*STEPS, "model.num_layers=1", f"logging.dir={tmp_path}/run", "data.limit=2000",
+                           "train.sft_batch_size=8", f"train.sft_answer_balance={alpha}"])
+        parts = build_parts(cfg, pg)
+        answers.clear()
+        for step in range(30):
+            with pytest.raises(_Drawn):
+                trainer.sft_step(parts, cfg, pg, step)
+        drawn[alpha] = sum(a in ("yes", "no") for a in answers) / len(answers)
+    assert drawn[0.0] > 0.6 and drawn[1.0] < 0.3
