@@ -34,6 +34,7 @@ import yaml
 from megatron_papo.errors import UserError
 from megatron_papo.losses.papo import PapoLossConfig
 from megatron_papo.masking import MaskingConfig
+from megatron_papo.pipeline_layout import stage_layers
 from megatron_papo.rewards import RewardConfig
 
 
@@ -130,6 +131,13 @@ class ParallelConfig:
     its ranks hold the same rows, so data parallel = world / (tp * pp * cp)."""
     vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved schedule); None = off."""
+    first_stage_layers: int | None = None
+    """Language-model layers on the first pipeline stage (it also holds the embedding and the
+    vision tower, so fewer is common); the other stages share the rest evenly. None = even split
+    (pp must then divide the layer count). megatron-core's num_layers_in_first_pipeline_stage."""
+    last_stage_layers: int | None = None
+    """Language-model layers on the last pipeline stage (it also holds the output layer and the
+    loss); None = even share. megatron-core's num_layers_in_last_pipeline_stage."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism inside TP (tp > 1): the language model's activations outside the
     TP regions are split along the sequence. GPU: needs Transformer Engine's norms; CPU: torch norms
@@ -277,6 +285,9 @@ class TrainConfig:
     (this alpha, in [0, 1]): 0 = uniform over rows, 1 = every distinct answer equally often
     (data.sampler.answer_balanced_weights). Raising it takes the answer prior away from a
     model that reads only the question, so the warm start has to look at the image."""
+    sft_balance_by: Literal["answer", "question_answer"] = "answer"
+    """What train.sft_answer_balance counts: the answer alone, or the (question text, answer)
+    pair (alpha = 1: every pair equally often, so no answer follows from its question's text)."""
     sft_prompts: int = 2000
     """Training prompts reserved for the warm start (the first N of the shuffled set; RL uses the rest)."""
     max_consecutive_nonfinite: int = 3
@@ -675,6 +686,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
                                         "vision_num_layers")},
     "model.vocab_size": Bound(2), "model.seq_length": Bound(2),
     **{f"parallel.{k}": POSITIVE for k in ("tp", "pp", "cp", "vpp")},
+    "parallel.first_stage_layers": NON_NEGATIVE, "parallel.last_stage_layers": NON_NEGATIVE,
     "algorithm.filter_low": UNIT, "algorithm.filter_high": UNIT, "algorithm.max_sampling_rounds": POSITIVE,
     **{f"loss.{k}": NON_NEGATIVE for k in ("gamma", "entropy_coef_orig", "entropy_coef_mask",
                                            "ref_kl_coef", "gamma_decay_steps")},
@@ -752,9 +764,15 @@ def validate(cfg: PapoConfig, world_size: int | None = None) -> None:
             raise ConfigError(f"parallel.tp={par.tp} must divide model.num_query_groups={groups}")
     if model.ffn_hidden_size is not None and model.ffn_hidden_size % par.tp:
         raise ConfigError(f"parallel.tp={par.tp} must divide model.ffn_hidden_size={model.ffn_hidden_size}")
-    if model.num_layers is not None and model.num_layers % (par.pp * (par.vpp or 1)):
-        raise ConfigError(f"parallel.pp={par.pp} x vpp={par.vpp or 1} must divide model.num_layers="
-                          f"{model.num_layers}")
+    if (par.first_stage_layers is not None or par.last_stage_layers is not None) and par.pp < 2:
+        raise ConfigError("parallel.first_stage_layers / last_stage_layers: need parallel.pp >= 2, "
+                          f"got pp={par.pp}")
+    if model.num_layers is not None:
+        try:
+            stage_layers(model.num_layers, par.pp, first=par.first_stage_layers, last=par.last_stage_layers,
+                         vpp=par.vpp)
+        except ValueError as e:
+            raise ConfigError(f"{e} (model.num_layers={model.num_layers})") from None
     if par.sequence_parallel and par.tp == 1:
         raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
     if world_size is not None:

@@ -91,6 +91,7 @@ def run_from_config(cfg: Any, gpus: int | None) -> dict[str, Any]:
     mp = par.tp * par.pp * par.cp
     fields: dict[str, Any] = dict(
         tp=par.tp, pp=par.pp, cp=par.cp, vpp=par.vpp or 1, micro_batch=cfg.train.micro_batch_size,
+        first_stage_layers=par.first_stage_layers, last_stage_layers=par.last_stage_layers,
         prompt_len=cfg.data.max_prompt_length, response_len=cfg.rollout.max_new_tokens,
         num_microbatches=max(1, cfg.train.update_prompts * cfg.rollout.n // cfg.train.micro_batch_size),
         precision=precision, sequence_parallel=par.sequence_parallel,
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int)
     p.add_argument("--cp", type=int)
     p.add_argument("--vpp", type=int, help="virtual pipeline stages per rank (interleaved schedule)")
+    p.add_argument("--first-stage-layers", type=int, help="uneven pipeline: language-model layers on stage 0")
+    p.add_argument("--last-stage-layers", type=int,
+                   help="uneven pipeline: language-model layers on the last stage")
     p.add_argument("--dp", type=int)
     p.add_argument("--gpus", type=int, help="total GPUs: dp = gpus / (tp*pp*cp)")
     p.add_argument("--micro-batch", type=int)
@@ -152,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_FLAG_FIELDS = ("tp", "pp", "cp", "dp", "vpp", "micro_batch", "num_microbatches", "prompt_len",
+_FLAG_FIELDS = ("tp", "pp", "cp", "dp", "vpp", "first_stage_layers", "last_stage_layers",
+                "micro_batch", "num_microbatches", "prompt_len",
                 "response_len", "images_per_sample", "image_patches", "precision", "impl",
                 "sequence_parallel", "recompute", "distributed_optimizer", "reference_model",
                 "masked_grad", "fused_linear", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tp")

@@ -312,6 +312,10 @@ class PromptDataset:
                       answer=entry.answer, question=entry.question, source=entry.where, index=index,
                       subset=entry.subset)
 
+    def question(self, index: int) -> str:
+        """The question text of sample ``index``, without reading its image."""
+        return self._entries[index].question
+
     def answer(self, index: int) -> str:
         """The ground-truth answer of sample ``index``, without reading its image."""
         return self._entries[index].answer

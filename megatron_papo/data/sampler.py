@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,13 +40,14 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> list[
     return order
 
 
-def answer_balanced_weights(answers: Sequence[str], alpha: float) -> torch.Tensor:
+def answer_balanced_weights(answers: Sequence[Hashable], alpha: float) -> torch.Tensor:
     """[N] float64 sampling weights, ``count(answer_i) ** -alpha`` normalised to sum 1.
 
     alpha = 0: every row equally likely (the answers' natural frequencies); alpha = 1: every
     distinct answer equally likely (a frequent answer's rows share its mass), which takes the
     label prior away from a text-only guess; values between interpolate. Answers are compared
-    as given (the dataset's normalised text).
+    as given (the dataset's normalised text); pass (question, answer) pairs to balance the
+    answers of each question text (no answer is then predictable from the question alone).
     """
     if not answers:
         raise ValueError("answer_balanced_weights needs at least one answer")

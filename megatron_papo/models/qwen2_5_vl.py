@@ -52,6 +52,7 @@ from megatron_papo.models.base import (
 )
 from megatron_papo.models.registry import register_model
 from megatron_papo.models.tiny_vlm import language_layer_spec
+from megatron_papo.pipeline_layout import stage_layers, transformer_config_fields
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -170,8 +171,10 @@ class Qwen25VLArch:
         """Image sides must be multiples of this (patch * merge = 28 for Qwen2.5-VL)."""
         return self.patch_size * self.spatial_merge_size
 
-    def check_parallel(self, tp: int, pp: int, vpp: int | None = None) -> None:
-        """ValueError naming the sizes when TP / PP (x virtual stages) do not divide the architecture."""
+    def check_parallel(self, tp: int, pp: int, vpp: int | None = None, *,
+                       first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> None:
+        """ValueError naming the sizes when TP / PP (x virtual stages, with the uneven first / last
+        stage counts) do not divide the architecture."""
         if self.num_attention_heads % tp:
             raise ValueError(f"tensor parallel size {tp} does not divide the {self.num_attention_heads} "
                              "attention heads (num_attention_heads)")
@@ -181,12 +184,10 @@ class Qwen25VLArch:
         if self.ffn_hidden_size % tp:
             raise ValueError(f"tensor parallel size {tp} does not divide intermediate_size "
                              f"{self.ffn_hidden_size}")
-        if self.num_layers % pp:
-            raise ValueError(f"pipeline parallel size {pp} does not divide the {self.num_layers} layers "
-                             "(num_hidden_layers)")
-        if vpp is not None and self.num_layers % (pp * vpp):
-            raise ValueError(f"pipeline parallel size {pp} x {vpp} virtual stages does not divide the "
-                             f"{self.num_layers} layers (num_hidden_layers)")
+        try:
+            stage_layers(self.num_layers, pp, first=first_stage_layers, last=last_stage_layers, vpp=vpp)
+        except ValueError as e:
+            raise ValueError(f"{e} (num_hidden_layers={self.num_layers})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,8 +286,9 @@ class QwenImages:
 # ---------------------------------------------------------------------------------------------
 def qwen_language_config(a: Qwen25VLArch, *, tp: int, pp: int, vpp: int | None, impl: str, precision: str,
                          fp8: str, recompute: bool, init_weights: bool, cp: int = 1,
-                         sequence_parallel: bool = False) -> TransformerConfig:
-    """The Qwen2 language model's TransformerConfig."""
+                         sequence_parallel: bool = False, first_stage_layers: int | None = None,
+                         last_stage_layers: int | None = None) -> TransformerConfig:
+    """The Qwen2 language model's TransformerConfig (uneven pipeline stages: pipeline_layout)."""
     extra = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
              if recompute else {})
     return make_transformer_config(
@@ -296,6 +298,7 @@ def qwen_language_config(a: Qwen25VLArch, *, tp: int, pp: int, vpp: int | None, 
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True, mrope_section=list(a.mrope_section),
         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
         perform_initialization=init_weights, **extra, **fp8_fields(fp8, impl),
+        **transformer_config_fields(first_stage_layers, last_stage_layers),
         **common_transformer_fields(tp, precision, cp, sequence_parallel))
 
 
@@ -352,11 +355,13 @@ class Qwen25VL(VisionLanguageModel):
                  precision: str = "bf16", fp8: str = "none", transformer_impl: str = "auto",
                  recompute_activations: bool = False, make_vocab_size_divisible_by: int = 128,
                  pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
-                 seed: int = 1234, init_weights: bool = True, sequence_parallel: bool = False) -> None:
+                 seed: int = 1234, init_weights: bool = True, sequence_parallel: bool = False,
+                 first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> None:
         tp, pp, vpp = model_parallel_sizes()
         if vpp is not None and vp_stage is None:
             raise ValueError(f"the pipeline is interleaved ({vpp} virtual stages per rank): pass vp_stage")
-        arch.check_parallel(tp, pp, vpp)
+        arch.check_parallel(tp, pp, vpp, first_stage_layers=first_stage_layers,
+                            last_stage_layers=last_stage_layers)
         factor = arch.image_factor
         if image_size is not None:
             if image_size < factor or image_size % factor:
@@ -376,7 +381,9 @@ class Qwen25VL(VisionLanguageModel):
         lm_config = qwen_language_config(arch, tp=tp, pp=pp, vpp=vpp if vp_stage is not None else None,
                                          impl=impl, precision=precision, fp8=fp8,
                                          recompute=recompute_activations, init_weights=init_weights,
-                                         cp=cp_group.size(), sequence_parallel=sequence_parallel)
+                                         cp=cp_group.size(), sequence_parallel=sequence_parallel,
+                                         first_stage_layers=first_stage_layers,
+                                         last_stage_layers=last_stage_layers)
         super().__init__(config=lm_config)
         self.cp_group = cp_group
         self.arch = arch
@@ -536,7 +543,8 @@ def _check_overrides(cfg: Any, arch: Qwen25VLArch) -> None:
 @register_model("qwen2_5_vl")
 def build_qwen2_5_vl(cfg: Any, *, vocab_size: int, image_token_id: int, pre_process: bool = True,
                      post_process: bool = True, vp_stage: int | None = None, seed: int = 1234,
-                     init_weights: bool = True, sequence_parallel: bool = False) -> Qwen25VL:
+                     init_weights: bool = True, sequence_parallel: bool = False,
+                     first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> Qwen25VL:
     """Qwen2.5-VL (architecture from model.hf_path; megatron-core LM + transformers vision tower)."""
     if not getattr(cfg, "hf_path", None):
         raise ValueError("model.name=qwen2_5_vl needs model.hf_path: a Hugging Face folder with the "
@@ -556,7 +564,8 @@ def build_qwen2_5_vl(cfg: Any, *, vocab_size: int, image_token_id: int, pre_proc
                      recompute_activations=cfg.recompute_activations,
                      make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
                      pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=seed,
-                     init_weights=init_weights, sequence_parallel=sequence_parallel)
+                     init_weights=init_weights, sequence_parallel=sequence_parallel,
+                     first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -94,7 +94,8 @@ def get_model_spec(name: str) -> ModelSpec:
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, pre_process: bool = True,
                 post_process: bool = True, vp_stage: int | None = None,
-                seed: int = 1234, sequence_parallel: bool = False) -> VisionLanguageModel:
+                seed: int = 1234, sequence_parallel: bool = False, first_stage_layers: int | None = None,
+                last_stage_layers: int | None = None) -> VisionLanguageModel:
     """Build this rank's part of model ``cfg.name``.
 
     Args:
@@ -107,11 +108,17 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, pre_p
         seed: seed of the random initialisation (weights are the same for any TP size).
         sequence_parallel: megatron sequence parallelism in the language model (``parallel.
             sequence_parallel``; only when tp > 1). Passed to builders only when True.
+        first_stage_layers / last_stage_layers: uneven pipeline stages (``parallel.*``,
+            megatron_papo.pipeline_layout); passed to builders only when set.
     Raises:
         ValueError: unknown ``cfg.name`` (the message lists the registered models).
         RuntimeError: megatron-core's parallel state is not initialised.
     """
     spec = get_model_spec(cfg.name)
-    extra = {"sequence_parallel": True} if sequence_parallel else {}
+    extra: dict = {"sequence_parallel": True} if sequence_parallel else {}
+    if first_stage_layers is not None:
+        extra["first_stage_layers"] = first_stage_layers
+    if last_stage_layers is not None:
+        extra["last_stage_layers"] = last_stage_layers
     return spec.builder(cfg, vocab_size=vocab_size, image_token_id=image_token_id, pre_process=pre_process,
                         post_process=post_process, vp_stage=vp_stage, seed=seed, **extra)

@@ -55,6 +55,7 @@ from megatron_papo.models.base import (
 )
 from megatron_papo.models.cp_attention import AllGatherContextParallelAttention
 from megatron_papo.models.registry import register_model
+from megatron_papo.pipeline_layout import stage_layers, transformer_config_fields
 
 __all__ = ["TinyVLM", "TinyVLMConfig", "build_tiny_vlm"]
 
@@ -154,8 +155,11 @@ def mrope_section(head_dim: int) -> list[int]:
 # TransformerConfigs and layer specs
 # ---------------------------------------------------------------------------------------------
 def language_config(c: TinyVLMConfig, tp: int, pp: int, vpp: int | None, impl: str,
-                    cp: int = 1, sequence_parallel: bool = False) -> TransformerConfig:
-    """The GPT language model's TransformerConfig (Qwen-like, multimodal rope)."""
+                    cp: int = 1, sequence_parallel: bool = False, first_stage_layers: int | None = None,
+                    last_stage_layers: int | None = None) -> TransformerConfig:
+    """The GPT language model's TransformerConfig (Qwen-like, multimodal rope; uneven pipeline
+    stages: pipeline_layout)."""
+    stage_layers(c.num_layers, pp, first=first_stage_layers, last=last_stage_layers, vpp=vpp)
     recompute = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
                  if c.recompute_activations else {})
     return make_transformer_config(
@@ -166,6 +170,7 @@ def language_config(c: TinyVLMConfig, tp: int, pp: int, vpp: int | None, impl: s
         mrope_section=mrope_section(c.hidden_size // c.num_attention_heads),
         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
         **recompute, **fp8_fields(c.fp8, impl),
+        **transformer_config_fields(first_stage_layers, last_stage_layers),
         **common_transformer_fields(tp, c.precision, cp, sequence_parallel))
 
 
@@ -235,7 +240,8 @@ class TinyVLM(VisionLanguageModel):
     """
 
     def __init__(self, c: TinyVLMConfig, *, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: int | None = None, seed: int = 1234, sequence_parallel: bool = False) -> None:
+                 vp_stage: int | None = None, seed: int = 1234, sequence_parallel: bool = False,
+                 first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> None:
         tp, pp, vpp = model_parallel_sizes()
         if vpp is not None and vp_stage is None:
             raise ValueError(f"the pipeline is interleaved ({vpp} virtual stages per rank): pass vp_stage")
@@ -243,7 +249,7 @@ class TinyVLM(VisionLanguageModel):
         cp_group = context_parallel_group()
         cp = cp_group.size()
         lm_config = language_config(c, tp, pp, vpp if vp_stage is not None else None, impl, cp,
-                                    sequence_parallel)
+                                    sequence_parallel, first_stage_layers, last_stage_layers)
         super().__init__(config=lm_config)
         self.cp_group = cp_group
         self.tiny_config = c
@@ -334,11 +340,13 @@ class TinyVLM(VisionLanguageModel):
 @register_model("tiny_vlm")
 def build_tiny_vlm(cfg: Any, *, vocab_size: int, image_token_id: int, pre_process: bool = True,
                    post_process: bool = True, vp_stage: int | None = None, seed: int = 1234,
-                   sequence_parallel: bool = False) -> TinyVLM:
+                   sequence_parallel: bool = False, first_stage_layers: int | None = None,
+                   last_stage_layers: int | None = None) -> TinyVLM:
     """Tiny CLIP-ViT + GPT vision-language model (CPU-sized; ModelConfig sizes override the defaults)."""
     c = TinyVLMConfig.from_model_config(cfg, vocab_size=vocab_size, image_token_id=image_token_id)
     model = TinyVLM(c, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=seed,
-                    sequence_parallel=sequence_parallel)
+                    sequence_parallel=sequence_parallel, first_stage_layers=first_stage_layers,
+                    last_stage_layers=last_stage_layers)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_papo.pipeline_layout import stage_layers
 from megatron_papo.planner.archs import (
     PRESETS,
     Architecture,
@@ -102,15 +103,18 @@ class StageParams:
         return self.language + self.vision
 
 
-def stage_params(arch: Architecture, tp: int, pp: int, stage: Literal["first", "last"]) -> StageParams:
+def stage_params(arch: Architecture, tp: int, pp: int, stage: Literal["first", "last"], *,
+                 stage_layers: int | None = None) -> StageParams:
     """Parameters of the first or last pipeline stage on one TP rank.
 
-    First stage: L/pp layers + the input embedding (V/t x h) + the vision tower and projector.
-    Last stage: L/pp layers + final norm + the output layer (V/t x h; with tied embeddings and
-    pp > 1 megatron keeps a copy there too, with pp = 1 it is the embedding itself).
+    First stage: its layers (``stage_layers``; None = ceil(L/pp)) + the input embedding (V/t x h)
+    + the vision tower and projector. Last stage: its layers + final norm + the output layer
+    (V/t x h; with tied embeddings and pp > 1 megatron keeps a copy there too, with pp = 1 it
+    is the embedding itself).
     """
     lm = arch.language
-    layers = math.ceil(lm.num_layers / pp) * language_layer_params(lm, tp)
+    count = math.ceil(lm.num_layers / pp) if stage_layers is None else stage_layers
+    layers = count * language_layer_params(lm, tp)
     emb = lm.padded_vocab(tp) // tp * lm.hidden_size
     first, last = stage == "first" or pp == 1, stage == "last" or pp == 1
     language = layers
@@ -137,6 +141,10 @@ class RunShape:
     dp: int = 1
     vpp: int = 1
     """Virtual pipeline stages per rank (interleaved 1F1B; 1 = off)."""
+    first_stage_layers: int | None = None
+    """Language-model layers on the first stage (parallel.first_stage_layers; None = even)."""
+    last_stage_layers: int | None = None
+    """Language-model layers on the last stage (parallel.last_stage_layers; None = even)."""
     micro_batch: int = 1
     """Responses per forward/backward micro-batch."""
     prompt_len: int = 1024
@@ -340,7 +348,9 @@ class MemoryPlan:
 
 def _stage_plan(arch: Architecture, run: RunShape, stage: Literal["first", "last"]) -> MemoryPlan:
     lm = arch.language
-    sp = stage_params(arch, run.tp, run.pp, stage)
+    counts = run_stage_layers(arch, run)
+    stage_count = counts[0] if stage == "first" else counts[-1]
+    sp = stage_params(arch, run.tp, run.pp, stage, stage_layers=stage_count)
     first, last = stage == "first" or run.pp == 1, stage == "last" or run.pp == 1
     pbytes = _param_bytes(run.precision)
     shard = run.dp * run.cp if run.distributed_optimizer else 1
@@ -372,7 +382,7 @@ def _stage_plan(arch: Architecture, run: RunShape, stage: Literal["first", "last
     branches = 2 if run.masked_grad else 1
     rows_mb = run.micro_batch * branches
     tokens = rows_mb * math.ceil(run.seq_len / run.cp)
-    layers = math.ceil(lm.num_layers / run.pp)
+    layers = stage_count
     per_layer = language_layer_activation_bytes(lm, run, tokens)
     act = _act_bytes(run.precision)
     sp_div = run.tp if run.sequence_parallel else 1
@@ -460,19 +470,32 @@ def kv_bytes_per_token(lm: LanguageArch, tp: int) -> int:
     return 2 * lm.num_layers * max(1, lm.num_query_groups // tp) * lm.head_dim * 2
 
 
+def run_stage_layers(arch: Architecture, run: RunShape) -> list[int]:
+    """Language-model layers per pipeline stage of ``run`` (pipeline_layout.stage_layers)."""
+    return stage_layers(arch.language.num_layers, run.pp, first=run.first_stage_layers,
+                        last=run.last_stage_layers, vpp=run.vpp)
+
+
 def check_layout(arch: Architecture, run: RunShape) -> None:
     """Raise ValueError (with the reason) for a layout megatron-core cannot build: tp must divide
-    the query heads, the KV heads and the MLP width; pp x vpp the language model's layers."""
+    the query heads, the KV heads and the MLP width; the pipeline stages must share the language
+    model's layers (evenly, or as first_stage_layers / last_stage_layers say) and vpp each stage's."""
     lm = arch.language
     for what, n in (("num_attention_heads", lm.num_attention_heads),
                     ("num_query_groups", lm.num_query_groups), ("ffn_hidden_size", lm.ffn_hidden_size)):
         if n % run.tp:
             raise ValueError(f"tp={run.tp} does not divide {arch.name}'s {what}={n}: megatron-core splits "
                              f"it evenly over the tensor-parallel ranks")
-    stages = run.pp * run.vpp
-    if lm.num_layers % stages:
-        raise ValueError(f"pp={run.pp} x vpp={run.vpp} = {stages} pipeline chunks do not divide "
-                         f"{arch.name}'s num_layers={lm.num_layers}")
+    if run.first_stage_layers is None and run.last_stage_layers is None:
+        stages = run.pp * run.vpp
+        if lm.num_layers % stages:
+            raise ValueError(f"pp={run.pp} x vpp={run.vpp} = {stages} pipeline chunks do not divide "
+                             f"{arch.name}'s num_layers={lm.num_layers} (an uneven split: "
+                             "--first-stage-layers / --last-stage-layers)")
+    try:
+        run_stage_layers(arch, run)
+    except ValueError as e:
+        raise ValueError(f"{arch.name}: {e}") from None
 
 
 def plan_memory(arch: Architecture, run: RunShape, gpu_bytes: int | None = None) -> MemoryPlan:

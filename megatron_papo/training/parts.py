@@ -242,7 +242,11 @@ def _sft_weights(dataset: PromptDataset, sft_indices: list[int], cfg: PapoConfig
     """Warm-start sampling weights of train.sft_answer_balance (None = uniform)."""
     if not sft_indices or cfg.train.sft_answer_balance == 0:
         return None
-    return answer_balanced_weights([dataset.answer(i) for i in sft_indices], cfg.train.sft_answer_balance)
+    if cfg.train.sft_balance_by == "question_answer":
+        keys: list = [(dataset.question(i), dataset.answer(i)) for i in sft_indices]
+    else:
+        keys = [dataset.answer(i) for i in sft_indices]
+    return answer_balanced_weights(keys, cfg.train.sft_answer_balance)
 
 
 def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
@@ -260,7 +264,9 @@ def build_parts(cfg: PapoConfig, pg: ProcessGroups) -> Parts:
                 cfg.model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=stage is None, vp_stage=stage),
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=stage is None, vp_stage=stage),
-                vp_stage=stage, seed=cfg.train.seed, sequence_parallel=cfg.parallel.sequence_parallel)
+                vp_stage=stage, seed=cfg.train.seed, sequence_parallel=cfg.parallel.sequence_parallel,
+                first_stage_layers=cfg.parallel.first_stage_layers,
+                last_stage_layers=cfg.parallel.last_stage_layers)
             if cfg.model.freeze_vision_tower:
                 model.freeze_vision()  # before DDP / the optimizer: they only take trainable parameters
             out.append(model)

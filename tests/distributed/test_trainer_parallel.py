@@ -1,5 +1,6 @@
 """The same first steps (1 warm-start step + 2 RL steps) at TP=2 (with and without sequence
-parallelism), PP=2 (with and without virtual stages: 4 layers, 2 chunks per rank) and CP=2 give the
+parallelism), PP=2 (even, uneven 1 + 3 layers, and with virtual stages: 4 layers, 2 chunks per
+rank) and CP=2 give the
 TP=1 run's
 losses and metrics, through the real CLI under torchrun, from one shared initial checkpoint.
 
@@ -54,16 +55,19 @@ def test_tp2_sp_pp2_vpp_and_cp2_match_tp1(tmp_path):
     # one micro-batch of 8 rows per pass: fewer than pp, so the interleaved schedule is filled with
     # loss-free repeats (schedule._fit_interleaved_schedule); the token means must not change
     vpp = _run(tmp_path, "vpp", 2, shared, "parallel.pp=2", "parallel.vpp=2", "train.micro_batch_size=8")
+    # uneven stages: 1 layer on the first stage (with the embedding and the vision tower), 3 on the last
+    uneven = _run(tmp_path, "pp2_uneven", 2, shared, "parallel.pp=2", "parallel.first_stage_layers=1")
     assert sorted(ref) == [1, 2, 3]
     checked = 0
-    for name, run in (("tp2", tp2), ("pp2", pp2), ("cp2", cp2), ("tp2_sp", sp2), ("pp2_vpp2", vpp)):
+    for name, run in (("tp2", tp2), ("pp2", pp2), ("cp2", cp2), ("tp2_sp", sp2), ("pp2_vpp2", vpp),
+                      ("pp2_1+3", uneven)):
         for step, row in ref.items():
             for k in KEYS:
                 if k in row:
                     # fp32 with different reduction orders (vocab shards, stages): 1e-4 relative
                     assert run[step][k] == pytest.approx(row[k], rel=1e-4, abs=1e-5), (name, step, k)
                     checked += 1
-    assert checked >= 5 * (1 + 2 * 8)  # every step's metrics were compared
+    assert checked >= 6 * (1 + 2 * 8)  # every step's metrics were compared
 
 
 def test_dapo_data_parallel_completes(tmp_path):

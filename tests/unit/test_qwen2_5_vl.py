@@ -228,12 +228,15 @@ def test_tp_not_dividing_heads_is_named(hf_dir):
         arch.check_parallel(4, 1)
     with pytest.raises(ValueError, match="tensor parallel size 3 does not divide the 2 key/value heads"):
         arch.check_parallel(3, 1)
-    with pytest.raises(ValueError, match="pipeline parallel size 3 does not divide the 4 layers"):
+    with pytest.raises(ValueError, match=r"parallel.pp=3 does not divide the model's 4 layers"):
         arch.check_parallel(1, 3)
-    with pytest.raises(ValueError, match="pipeline parallel size 2 x 4 virtual stages does not divide the 4"):
+    with pytest.raises(ValueError, match=r"parallel.vpp=4 must divide every stage's layer count"):
         arch.check_parallel(1, 2, 4)
     arch.check_parallel(2, 2)
     arch.check_parallel(1, 2, 2)
+    arch.check_parallel(1, 3, first_stage_layers=2)  # uneven: 2 + 1 + 1
+    with pytest.raises(ValueError, match="cannot share the remaining 3 of 4 layers"):
+        arch.check_parallel(1, 3, first_stage_layers=1)
 
 
 def test_missing_shards_and_tensors_are_named(hf_dir, tmp_path, pg):
