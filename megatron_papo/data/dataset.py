@@ -72,6 +72,9 @@ class Sample:
     """The row's evaluation subset (``meta["subset"]`` of its source, e.g. whether an easy-VQA
     test question follows or contradicts a training shortcut); "" = none. Evaluation reports
     accuracy per subset besides the overall one."""
+    rationale: str = ""
+    """What the warm start writes inside its think block for this row (``meta["rationale"]`` of
+    its source, e.g. the easy-VQA image's "red circle"); "" = an empty think block."""
 
 
 @dataclass
@@ -122,6 +125,7 @@ class _Entry:
     answer: str
     images: tuple[ImageRef, ...]
     subset: str = ""
+    rationale: str = ""
 
 
 def _text_field(value: Any, reason: str) -> str:
@@ -225,7 +229,8 @@ class PromptDataset:
         length = self._prompt_length(question, counts)
         if length > self.max_prompt_length:
             raise _Skip("prompt_too_long", f"{length} tokens > max_prompt_length {self.max_prompt_length}")
-        return _Entry(row.where, question, answer, images, str(row.meta.get("subset", "")))
+        return _Entry(row.where, question, answer, images, str(row.meta.get("subset", "")),
+                      str(row.meta.get("rationale", "")).strip())
 
     def _probe(self, ref: ImageRef) -> tuple[int, int]:
         """Check an image once per distinct path (bytes are checked every time); its (height, width)."""
@@ -310,7 +315,7 @@ class PromptDataset:
         counts = [self._tokens_of((image.height, image.width)) for image in images]
         return Sample(prompt_ids=self._encode(entry.question, counts), images=images,
                       answer=entry.answer, question=entry.question, source=entry.where, index=index,
-                      subset=entry.subset)
+                      subset=entry.subset, rationale=entry.rationale)
 
     def question(self, index: int) -> str:
         """The question text of sample ``index``, without reading its image."""

@@ -79,15 +79,48 @@ def easy_vqa_rows(split: str) -> Iterator[RawRow]:
         yield split_row(split, row, f"easy_vqa:{split}")
 
 
+EASY_VQA_COLORS = frozenset({"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"})
+EASY_VQA_SHAPES = frozenset({"circle", "rectangle", "triangle"})
+
+
+@functools.cache
+def image_captions(split: str) -> dict[int, str]:
+    """image id -> "<colour> <shape>" of each image, as far as its own questions tell: a colour
+    answer ("what color is the shape?" -> "red"), a shape answer, or a colour named in a question
+    whose answer is a shape ("what is the red shape?" -> "triangle") and vice versa. Parts an
+    image's questions do not tell are left out ("red", "circle" or no caption at all). Measured:
+    3,181 of the 4,000 train images get both parts, none gets two colours or two shapes."""
+    data = load_split(split)
+    colours: dict[int, set[str]] = {}
+    shapes: dict[int, set[str]] = {}
+    for question, answer, image in zip(data.questions, data.answers, data.image_ids, strict=True):
+        words = set(question.lower().rstrip("?").split())
+        if answer in EASY_VQA_COLORS:
+            colours.setdefault(image, set()).add(answer)
+            shapes.setdefault(image, set()).update(words & EASY_VQA_SHAPES)
+        elif answer in EASY_VQA_SHAPES:
+            shapes.setdefault(image, set()).add(answer)
+            colours.setdefault(image, set()).update(words & EASY_VQA_COLORS)
+    out = {}
+    for image in set(data.image_ids):
+        parts = [next(iter(p)) for p in (colours.get(image, set()), shapes.get(image, set())) if len(p) == 1]
+        if parts:
+            out[image] = " ".join(parts)
+    return out
+
+
 def split_row(split: str, row: int, source: str, **meta: str) -> RawRow:
     """Row ``row`` of an easy-VQA split as a RawRow named ``source`` (``meta`` added to its
-    image id and split). A question whose image file is not listed gets the would-be path, so
-    the dataset counts it as a missing image instead of crashing."""
+    image id and split, and the image's caption as ``meta["rationale"]``: what the warm start
+    writes in its think block). A question whose image file is not listed gets the would-be path,
+    so the dataset counts it as a missing image instead of crashing."""
     data = load_split(split)
     image_id = data.image_ids[row]
     path = data.image_paths.get(image_id, f"<easy_vqa {split} image {image_id} not shipped>")
+    caption = image_captions(split).get(image_id)
+    extra = {"rationale": caption} if caption else {}
     return RawRow(source=source, row=row, question=data.questions[row], answer=data.answers[row],
-                  image=path, meta={"image_id": image_id, "split": split, **meta})
+                  image=path, meta={"image_id": image_id, "split": split, **extra, **meta})
 
 
 def _open_split(split: str) -> Iterator[RawRow]:
@@ -155,6 +188,20 @@ def _builtin_rows(source: str) -> Iterator[RawRow]:
     return BUILTIN_SOURCES[name].open(split)
 
 
-__all__ = ["EASY_VQA_ANSWERS", "SOURCE", "SPLITS", "EasyVqaSplit", "easy_vqa_corpus", "easy_vqa_rows",
-           "easy_vqa_tokenizer", "easy_vqa_train_questions", "load_split", "question_prior", "split_row",
-           "text_only_accuracy"]
+__all__ = [
+    "EASY_VQA_ANSWERS",
+    "EASY_VQA_COLORS",
+    "EASY_VQA_SHAPES",
+    "SOURCE",
+    "SPLITS",
+    "EasyVqaSplit",
+    "easy_vqa_corpus",
+    "easy_vqa_rows",
+    "easy_vqa_tokenizer",
+    "easy_vqa_train_questions",
+    "image_captions",
+    "load_split",
+    "question_prior",
+    "split_row",
+    "text_only_accuracy",
+]

@@ -30,6 +30,16 @@ from megatron_papo.training.batch import TrainBatch, build_train_batch, inert_ro
 
 SFT_RESPONSE = "<think> </think> \\boxed{{{answer}}}"
 """Target of the supervised warm start: the format the reward expects, with the right answer."""
+SFT_RESPONSE_WITH_RATIONALE = "<think> {rationale} </think> \\boxed{{{answer}}}"
+"""The same with the row's rationale inside the think block (``Sample.rationale``)."""
+
+
+def sft_response(sample: Sample, use_rationale: bool = True) -> str:
+    """The warm-start target text of ``sample``: its rationale (when it has one and
+    ``use_rationale``) in the think block, then its boxed answer."""
+    if use_rationale and sample.rationale:
+        return SFT_RESPONSE_WITH_RATIONALE.format(rationale=sample.rationale, answer=sample.answer)
+    return SFT_RESPONSE.format(answer=sample.answer)
 
 
 def derive_seed(*parts: int) -> int:
@@ -171,16 +181,18 @@ def update_batch(result: RolloutResult, adv: Advantages, pixels: Sequence[Tensor
 
 
 def sft_update_batch(samples: Sequence[Sample], pixels: Sequence[Tensor | None], tokenizer: Tokenizer, *,
-                     micro_batch_size: int, device: torch.device | str) -> TrainBatch:
+                     micro_batch_size: int, device: torch.device | str,
+                     use_rationale: bool = True) -> TrainBatch:
     """The warm-start batch (``sft_train_batch``) padded to whole micro-batches, on ``device``
     (the SFT path's device boundary)."""
-    return pad_rows_to_multiple(sft_train_batch(samples, pixels, tokenizer), micro_batch_size).to(device)
+    batch = sft_train_batch(samples, pixels, tokenizer, use_rationale=use_rationale)
+    return pad_rows_to_multiple(batch, micro_batch_size).to(device)
 
 
 def sft_train_batch(samples: Sequence[Sample], pixels: Sequence[Tensor | None],
-                    tokenizer: Tokenizer) -> TrainBatch:
-    """Supervised warm-start batch: each prompt followed by SFT_RESPONSE + eos (advantage 1)."""
-    responses = [[*tokenizer.encode(SFT_RESPONSE.format(answer=s.answer)), tokenizer.eos_id] for s in samples]
+                    tokenizer: Tokenizer, *, use_rationale: bool = True) -> TrainBatch:
+    """Supervised warm-start batch: each prompt followed by ``sft_response`` + eos (advantage 1)."""
+    responses = [[*tokenizer.encode(sft_response(s, use_rationale)), tokenizer.eos_id] for s in samples]
     prompts = [list(s.prompt_ids) for s in samples]
     p, length = max(map(len, prompts)), max(map(len, responses))
     rows = len(samples)

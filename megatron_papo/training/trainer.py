@@ -229,7 +229,8 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
     pixels = steps.prompt_pixels(parts.model_chunks[0], samples)
     batch = steps.sft_update_batch(samples, pixels, parts.tokenizer,
                                    micro_batch_size=cfg.train.micro_batch_size,
-                                   device=model_device(parts.model_chunks))
+                                   device=model_device(parts.model_chunks),
+                                   use_rationale=cfg.train.sft_rationale)
     batch = pad_columns(batch, sequence_multiple(parts.ddp_chunks))
     n_tok = global_token_count(batch.loss_mask, pg.dp)  # cp ranks hold the same rows
     vocab = parts.tokenizer.vocab_size

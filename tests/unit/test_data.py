@@ -507,3 +507,43 @@ def test_answer_balanced_weights_interpolate_between_rows_and_answers():
         answer_balanced_weights(answers, 1.5)
     with pytest.raises(ValueError, match="at least one"):
         answer_balanced_weights([], 0.5)
+
+
+def test_easy_vqa_captions_come_from_each_images_own_questions():
+    """image_captions: the colour and shape an image's questions reveal; checked against the
+    questions of image 0 read here, and over the split (3,181 of 4,000 train images get both
+    parts; a caption is at most one colour then one shape)."""
+    from megatron_papo.data.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES, image_captions, load_split
+
+    caps = image_captions("train")
+    data = load_split("train")
+    rows0 = [(q, a) for q, a, i in zip(data.questions, data.answers, data.image_ids, strict=True) if i == 0]
+    told = {a for _, a in rows0} | {w for q, _ in rows0 for w in q.rstrip("?").split()}
+    colour, shape = caps[0].split()
+    assert colour in EASY_VQA_COLORS and shape in EASY_VQA_SHAPES and {colour, shape} <= told
+    both = [c for c in caps.values() if len(c.split()) == 2]
+    assert len(both) == 3181
+    for c in caps.values():
+        words = c.split()
+        assert len(words) <= 2 and sum(w in EASY_VQA_COLORS for w in words) <= 1
+        assert sum(w in EASY_VQA_SHAPES for w in words) <= 1
+
+
+def test_warm_start_target_carries_the_rationale(tmp_path):
+    """A row's meta["rationale"] reaches Sample.rationale and the warm-start target's think
+    block; without one (or with use_rationale=False) the think block stays empty."""
+    from megatron_papo.data.dataset import Sample
+    from megatron_papo.training.steps import sft_response
+
+    s = Sample(prompt_ids=[1], images=[], answer="no", question="is there a red shape?", source="x:0",
+               index=0, rationale="blue circle")
+    assert sft_response(s) == "<think> blue circle </think> \\boxed{no}"
+    assert sft_response(s, use_rationale=False) == "<think> </think> \\boxed{no}"
+    s.rationale = ""
+    assert sft_response(s) == "<think> </think> \\boxed{no}"
+    from megatron_papo.data.easy_vqa import image_captions, split_row
+
+    row = split_row("train", 0, "easy_vqa:train")
+    assert row.meta["rationale"] == image_captions("train")[row.meta["image_id"]]
+    ds = build_prompt_dataset("easy_vqa:train", DataConfig(limit=5), easy_vqa_tokenizer(), N_IMG)
+    assert ds[0].rationale == row.meta["rationale"] != ""
