@@ -169,3 +169,34 @@ def test_answer_balanced_warm_start_draws_rare_answers_more_often(pg, tmp_path, 
                 trainer.sft_step(parts, cfg, pg, step)
         drawn[alpha] = sum(a in ("yes", "no") for a in answers) / len(answers)
     assert drawn[0.0] > 0.6 and drawn[1.0] < 0.3
+
+
+def test_several_updates_reuse_the_pre_update_log_probs(pg, tmp_path, monkeypatch):
+    """Two mini-batches per step and epochs_per_step=2 (4 updates): the old and masked log-probs
+    come from one no-grad pass each, before the first update (the pre-update weights), and every
+    update reads those same tensors (a recomputation after an update would differ: the weights
+    moved)."""
+    from megatron_papo.training import passes
+
+    cfg = load_config(str(ROOT / "examples/tiny_papo_g.yaml"),
+                      [*STEPS, "model.num_layers=1", f"logging.dir={tmp_path}/run",
+                       "rollout.prompts_per_step=4", "train.update_prompts=2", "train.epochs_per_step=2",
+                       "train.micro_batch_size=4"])
+    parts = build_parts(cfg, pg)
+    passes_run, seen_old = [], []
+    real_lp, real_update = passes.compute_log_probs, passes.papo_update
+
+    def spy_lp(chunks, batch, *, masked_branch=False, **kw):
+        passes_run.append("ref" if chunks is parts.ref_chunks else "masked" if masked_branch else "old")
+        return real_lp(chunks, batch, masked_branch=masked_branch, **kw)
+
+    def spy_update(ddp, opt, mini, loss_cfg, **kw):
+        seen_old.append(mini.old_log_probs.clone())
+        return real_update(ddp, opt, mini, loss_cfg, **kw)
+
+    monkeypatch.setattr(trainer, "compute_log_probs", spy_lp)
+    monkeypatch.setattr(trainer, "papo_update", spy_update)
+    metrics = trainer.rl_step(parts, cfg, pg, 0)
+    assert metrics["updates"] == 4 and sorted(passes_run) == ["masked", "old", "ref"]
+    # epoch 2 reads the tensors of epoch 1
+    assert torch.equal(seen_old[0], seen_old[2]) and torch.equal(seen_old[1], seen_old[3])
