@@ -232,6 +232,9 @@ class DataConfig:
     """Column holding the question."""
     answer_key: str = "answer"
     """Column holding the ground-truth answer."""
+    rationale_key: str = "rationale"
+    """Optional column: a row's rationale, written inside the warm start's think block
+    (train.sft_rationale); rows without it get an empty think block."""
     max_prompt_length: int = 512
     """Prompts longer than this (tokens, image tokens included) are skipped and counted."""
     shuffle: bool = True

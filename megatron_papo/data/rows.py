@@ -143,6 +143,12 @@ def _columns(cfg: DataConfig) -> dict[str, str]:
     return {"image": cfg.image_key, "question": cfg.question_key, "answer": cfg.answer_key}
 
 
+def _optional_meta(record: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
+    """The optional columns of a record as row meta: ``data.rationale_key`` -> "rationale"."""
+    value = record.get(cfg.rationale_key)
+    return {"rationale": value} if isinstance(value, str) and value.strip() else {}
+
+
 def _check_columns(path: Path, present: list[str], cfg: DataConfig) -> None:
     for role, column in _columns(cfg).items():
         if column not in present:
@@ -195,7 +201,7 @@ def _jsonl_iter(path: Path, parsed: list, cfg: DataConfig) -> Iterator[RawRow]:
         if record is None:
             yield RawRow(source=str(path), row=row, base_dir=path.parent, problem=problem)
             continue
-        yield RawRow(source=str(path), row=row, base_dir=path.parent,
+        yield RawRow(source=str(path), row=row, base_dir=path.parent, meta=_optional_meta(record, cfg),
                      **{role: record.get(column) for role, column in keys.items()})
 
 
@@ -219,10 +225,12 @@ def _parquet_rows(path: Path, cfg: DataConfig) -> Iterator[RawRow]:
 def _parquet_iter(path: Path, parquet: Any, cfg: DataConfig) -> Iterator[RawRow]:
     keys = _columns(cfg)
     columns = list(dict.fromkeys(keys.values()))
+    if cfg.rationale_key in parquet.schema_arrow.names:
+        columns.append(cfg.rationale_key)
     row = 0
     for batch in parquet.iter_batches(batch_size=1024, columns=columns):
         for record in batch.to_pylist():
-            yield RawRow(source=str(path), row=row, base_dir=path.parent,
+            yield RawRow(source=str(path), row=row, base_dir=path.parent, meta=_optional_meta(record, cfg),
                          **{role: record.get(column) for role, column in keys.items()})
             row += 1
 

@@ -547,3 +547,16 @@ def test_warm_start_target_carries_the_rationale(tmp_path):
     assert row.meta["rationale"] == image_captions("train")[row.meta["image_id"]]
     ds = build_prompt_dataset("easy_vqa:train", DataConfig(limit=5), easy_vqa_tokenizer(), N_IMG)
     assert ds[0].rationale == row.meta["rationale"] != ""
+
+
+def test_a_files_rationale_column_reaches_the_sample(tmp_path):
+    """data.rationale_key (default "rationale"): a JSONL row's rationale becomes
+    Sample.rationale; a row without it (or with a blank or non-text one) gets ""."""
+    img = _write_png(tmp_path / "a.png")
+    row = {"image": str(img), "problem": "what color is the shape?", "answer": "red"}
+    records = [{**row, "rationale": "red circle"}, row, {**row, "rationale": 3}]
+    path = _write_jsonl(tmp_path / "d.jsonl", records)
+    ds = _dataset(path)
+    assert [ds[i].rationale for i in range(3)] == ["red circle", "", ""]
+    other = _dataset(path, DataConfig(rationale_key="why"))
+    assert other[0].rationale == ""
