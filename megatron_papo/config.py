@@ -288,11 +288,11 @@ class TrainConfig:
     (this alpha, in [0, 1]): 0 = uniform over rows, 1 = every distinct answer equally often
     (data.sampler.answer_balanced_weights). Raising it takes the answer prior away from a
     model that reads only the question, so the warm start has to look at the image."""
-    sft_rationale: bool = True
+    sft_rationale: bool = False
     """Warm-start targets carry a row's rationale inside the think block (``<think> red circle
     </think> \\boxed{no}`` for an easy-VQA row: the image's colour and shape, read off its
     questions), so every row teaches what the image shows; rows without one (and False) get an
-    empty think block. rollout.max_new_tokens must leave room for it."""
+    empty think block. rollout.max_new_tokens must leave room for it (easy-VQA: 10 tokens)."""
     sft_balance_by: Literal["answer", "question_answer"] = "answer"
     """What train.sft_answer_balance counts: the answer alone, or the (question text, answer)
     pair (alpha = 1: every pair equally often, so no answer follows from its question's text)."""

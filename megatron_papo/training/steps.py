@@ -34,7 +34,7 @@ SFT_RESPONSE_WITH_RATIONALE = "<think> {rationale} </think> \\boxed{{{answer}}}"
 """The same with the row's rationale inside the think block (``Sample.rationale``)."""
 
 
-def sft_response(sample: Sample, use_rationale: bool = True) -> str:
+def sft_response(sample: Sample, use_rationale: bool = False) -> str:
     """The warm-start target text of ``sample``: its rationale (when it has one and
     ``use_rationale``) in the think block, then its boxed answer."""
     if use_rationale and sample.rationale:
@@ -182,7 +182,7 @@ def update_batch(result: RolloutResult, adv: Advantages, pixels: Sequence[Tensor
 
 def sft_update_batch(samples: Sequence[Sample], pixels: Sequence[Tensor | None], tokenizer: Tokenizer, *,
                      micro_batch_size: int, device: torch.device | str,
-                     use_rationale: bool = True) -> TrainBatch:
+                     use_rationale: bool = False) -> TrainBatch:
     """The warm-start batch (``sft_train_batch``) padded to whole micro-batches, on ``device``
     (the SFT path's device boundary)."""
     batch = sft_train_batch(samples, pixels, tokenizer, use_rationale=use_rationale)
@@ -190,7 +190,7 @@ def sft_update_batch(samples: Sequence[Sample], pixels: Sequence[Tensor | None],
 
 
 def sft_train_batch(samples: Sequence[Sample], pixels: Sequence[Tensor | None],
-                    tokenizer: Tokenizer, *, use_rationale: bool = True) -> TrainBatch:
+                    tokenizer: Tokenizer, *, use_rationale: bool = False) -> TrainBatch:
     """Supervised warm-start batch: each prompt followed by ``sft_response`` + eos (advantage 1)."""
     responses = [[*tokenizer.encode(sft_response(s, use_rationale)), tokenizer.eos_id] for s in samples]
     prompts = [list(s.prompt_ids) for s in samples]

@@ -537,10 +537,10 @@ def test_warm_start_target_carries_the_rationale(tmp_path):
 
     s = Sample(prompt_ids=[1], images=[], answer="no", question="is there a red shape?", source="x:0",
                index=0, rationale="blue circle")
-    assert sft_response(s) == "<think> blue circle </think> \\boxed{no}"
-    assert sft_response(s, use_rationale=False) == "<think> </think> \\boxed{no}"
+    assert sft_response(s, use_rationale=True) == "<think> blue circle </think> \\boxed{no}"
+    assert sft_response(s) == "<think> </think> \\boxed{no}"  # train.sft_rationale is off by default
     s.rationale = ""
-    assert sft_response(s) == "<think> </think> \\boxed{no}"
+    assert sft_response(s, use_rationale=True) == "<think> </think> \\boxed{no}"
     from megatron_papo.data.easy_vqa import image_captions, split_row
 
     row = split_row("train", 0, "easy_vqa:train")
