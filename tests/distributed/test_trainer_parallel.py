@@ -1,5 +1,5 @@
 """The same first steps (1 warm-start step + 2 RL steps) at TP=2 (with and without sequence
-parallelism), PP=2 (even, uneven 1 + 3 layers, and with virtual stages: 4 layers, 2 chunks per
+parallelism), PP=2 (uneven, 1 + 3 layers, and with virtual stages: 4 layers, 2 chunks per
 rank) and CP=2 give the
 TP=1 run's
 losses and metrics, through the real CLI under torchrun, from one shared initial checkpoint.
@@ -49,25 +49,24 @@ def test_tp2_sp_pp2_vpp_and_cp2_match_tp1(tmp_path):
     shared = f"checkpoint.init_weights={init}"
     ref = _run(tmp_path, "tp1", 1, shared)
     tp2 = _run(tmp_path, "tp2", 2, shared, "parallel.tp=2")
-    pp2 = _run(tmp_path, "pp2", 2, shared, "parallel.pp=2")
+    # PP=2 with uneven stages: 1 layer on the first stage (with the embedding and the vision
+    # tower), 3 on the last (the even split runs in the fused-linear test below and with vpp here)
+    pp2 = _run(tmp_path, "pp2_uneven", 2, shared, "parallel.pp=2", "parallel.first_stage_layers=1")
     cp2 = _run(tmp_path, "cp2", 2, shared, "parallel.cp=2")
     sp2 = _run(tmp_path, "sp2", 2, shared, "parallel.tp=2", "parallel.sequence_parallel=true")
     # one micro-batch of 8 rows per pass: fewer than pp, so the interleaved schedule is filled with
     # loss-free repeats (schedule._fit_interleaved_schedule); the token means must not change
     vpp = _run(tmp_path, "vpp", 2, shared, "parallel.pp=2", "parallel.vpp=2", "train.micro_batch_size=8")
-    # uneven stages: 1 layer on the first stage (with the embedding and the vision tower), 3 on the last
-    uneven = _run(tmp_path, "pp2_uneven", 2, shared, "parallel.pp=2", "parallel.first_stage_layers=1")
     assert sorted(ref) == [1, 2, 3]
     checked = 0
-    for name, run in (("tp2", tp2), ("pp2", pp2), ("cp2", cp2), ("tp2_sp", sp2), ("pp2_vpp2", vpp),
-                      ("pp2_1+3", uneven)):
+    for name, run in (("tp2", tp2), ("pp2_1+3", pp2), ("cp2", cp2), ("tp2_sp", sp2), ("pp2_vpp2", vpp)):
         for step, row in ref.items():
             for k in KEYS:
                 if k in row:
                     # fp32 with different reduction orders (vocab shards, stages): 1e-4 relative
                     assert run[step][k] == pytest.approx(row[k], rel=1e-4, abs=1e-5), (name, step, k)
                     checked += 1
-    assert checked >= 6 * (1 + 2 * 8)  # every step's metrics were compared
+    assert checked >= 5 * (1 + 2 * 8)  # every step's metrics were compared
 
 
 def test_dapo_data_parallel_completes(tmp_path):
@@ -77,11 +76,11 @@ def test_dapo_data_parallel_completes(tmp_path):
     rollout.prompts_per_step groups together (per-rank quotas), generating 8 prompts a round."""
     rows = _run(tmp_path, "dapo_dp2", 2, "algorithm.name=dapo", "train.steps=3", "rollout.prompts_per_step=8",
                 "train.update_prompts=2", "train.sft_warmup_steps=6", "train.sft_batch_size=16",
-                "algorithm.max_sampling_rounds=3")
+                "algorithm.max_sampling_rounds=2")
     rl = [r for r in rows.values() if "reward/mean" in r]
     assert len(rl) == 3 and all("filter/kept_groups" in r for r in rl)
     for r in rl:
-        assert 1 <= r["filter/sampling_rounds"] <= 3
+        assert 1 <= r["filter/sampling_rounds"] <= 2
         assert r["filter/generated_prompts"] == 8 * r["filter/sampling_rounds"]  # summed over both ranks
         assert r["filter/trained_groups"] == min(8, r["filter/kept_groups"])
 
