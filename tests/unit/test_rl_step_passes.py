@@ -101,8 +101,10 @@ def test_no_grad_masked_pass_runs_only_when_the_update_does_not_run_the_masked_b
 
 def test_log_prob_passes_divide_the_logits_by_the_sampling_temperature():
     """with_temperature + output_log_probs = log_softmax(logits / T) gathered, on the logits path
-    and on the fused path (hidden states and weight / T); T = 1 is the identity. fp32, V = 11:
-    equal to 1e-6 (one rounding of each of ~V terms)."""
+    and on the fused path (hidden states and weight / T); T = 1 is the identity. fp32, |logits|
+    ~ sqrt(H) = 3, V = 11: the logits path differs from the reference only in the log-sum-exp's
+    order (at worst ~V eps32 |logit| = 4e-6), the fused path also in the tiled matmul of H = 8
+    terms and the division of W instead of the logits (a few eps32 |logit| more): 1e-5 for both."""
     from megatron_papo.training.passes import output_log_probs, with_temperature
 
     g = torch.Generator().manual_seed(0)
@@ -112,7 +114,7 @@ def test_log_prob_passes_divide_the_logits_by_the_sampling_temperature():
     for temp in (1.0, 0.7, 2.0):
         want = torch.log_softmax(logits / temp, dim=-1).gather(-1, target[..., None])[..., 0]
         out, w = with_temperature(logits, None, temp)
-        assert torch.allclose(output_log_probs(out, target, None, 11, w), want, atol=1e-6)
+        assert torch.allclose(output_log_probs(out, target, None, 11, w), want, atol=1e-5)
         out, w = with_temperature(hidden, weight, temp)
         assert torch.allclose(output_log_probs(out, target, None, 11, w), want, atol=1e-5)
     assert with_temperature(logits, None, 1.0)[0] is logits
