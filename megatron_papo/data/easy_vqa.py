@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import easy_vqa
 
-from megatron_papo.data.rows import BUILTIN_SOURCES, BuiltinSource, RawRow, register_source
+from megatron_papo.config import DataConfig
+from megatron_papo.data.rows import BuiltinSource, RawRow, load_rows, register_source
 from megatron_papo.data.templates import template_corpus
 from megatron_papo.data.tokenizer import BOX_CLOSE, BOX_OPEN, THINK_CLOSE, THINK_OPEN, WordTokenizer
 
@@ -167,10 +168,11 @@ def text_only_accuracy(eval_source: str = "easy_vqa:test", num_prompts: int = 0,
                        prior_source: str = "easy_vqa:train") -> float:
     """Accuracy of :func:`question_prior` of ``prior_source`` (the training data) on the first
     ``num_prompts`` rows of ``eval_source`` (0 = all): the text-only floor that a model using the
-    image must beat. Both are built-in sources (``<name>:<split>``), read on every call (0.670
-    for easy_vqa:train on the whole easy_vqa:test)."""
-    prior = question_prior(_builtin_rows(prior_source))
-    rows = _builtin_rows(eval_source)
+    image must beat. Either may be a built-in source (``<name>:<split>``) or a data file, read as
+    ``data.eval`` is, on every call (0.670 for easy_vqa:train on the whole easy_vqa:test).
+    Raises DataError for a source that does not exist."""
+    prior = question_prior(load_rows(prior_source, DataConfig(), role="eval"))
+    rows = load_rows(eval_source, DataConfig(), role="eval")
     if num_prompts > 0:
         rows = itertools.islice(rows, num_prompts)
     hits = total = 0
@@ -178,14 +180,6 @@ def text_only_accuracy(eval_source: str = "easy_vqa:test", num_prompts: int = 0,
         hits += prior.get(str(row.question)) == str(row.answer)
         total += 1
     return hits / max(total, 1)
-
-
-def _builtin_rows(source: str) -> Iterator[RawRow]:
-    name, _, split = source.partition(":")
-    if name not in BUILTIN_SOURCES or split not in BUILTIN_SOURCES[name].splits:
-        raise ValueError(f"{source!r} is not a built-in source split (known: "
-                         f"{sorted(f'{n}:{s}' for n, src in BUILTIN_SOURCES.items() for s in src.splits)})")
-    return BUILTIN_SOURCES[name].open(split)
 
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["collective_device", "rank_and_size"]
+__all__ = ["all_gather_int", "all_reduce_int", "collective_device", "rank_and_size"]
 
 
 def collective_device(group: dist.ProcessGroup | None) -> torch.device:
@@ -21,3 +21,26 @@ def rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if group is None:
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _parallel(group: dist.ProcessGroup | None) -> bool:
+    return group is not None and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_reduce_int(value: int, group: dist.ProcessGroup | None,
+                   op: dist.ReduceOp = dist.ReduceOp.SUM) -> int:
+    """``op`` (SUM by default) of one Python int over ``group``; ``value`` itself without one."""
+    t = torch.tensor(value, dtype=torch.int64, device=collective_device(group))
+    if _parallel(group):
+        dist.all_reduce(t, op=op, group=group)
+    return int(t.item())
+
+
+def all_gather_int(value: int, group: dist.ProcessGroup | None) -> list[int]:
+    """Every rank's ``value``, in ``group``-rank order; ``[value]`` without a group."""
+    if not _parallel(group):
+        return [value]
+    device = collective_device(group)
+    out = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, torch.tensor(value, dtype=torch.int64, device=device), group=group)
+    return [int(t.item()) for t in out]

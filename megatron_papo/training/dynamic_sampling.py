@@ -30,7 +30,7 @@ from torch import Tensor
 
 from megatron_papo.algorithms import filter_groups
 from megatron_papo.data.dataset import Sample
-from megatron_papo.ops.groups import collective_device
+from megatron_papo.ops.groups import all_gather_int, all_reduce_int, rank_and_size
 from megatron_papo.rewards import RewardResult
 from megatron_papo.rollout import RolloutResult
 
@@ -103,22 +103,6 @@ def group_quotas(kept_per_rank: Sequence[int], target: int) -> list[int]:
     return out
 
 
-def _all_reduce_sum(value: int, group: dist.ProcessGroup | None) -> int:
-    t = torch.tensor(value, dtype=torch.int64, device=collective_device(group))
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return int(t.item())
-
-
-def _all_gather(value: int, group: dist.ProcessGroup | None) -> list[int]:
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return [value]
-    device = collective_device(group)
-    out = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, torch.tensor(value, dtype=torch.int64, device=device), group=group)
-    return [int(t.item()) for t in out]
-
-
 def gather_groups(run_round: Callable[[int], Round], *, target_groups: int, max_rounds: int,
                   low: float, high: float, dp_group: dist.ProcessGroup | None) -> Gathered:
     """Run rounds until ``target_groups`` groups (over all dp ranks) survive the filter (module doc).
@@ -147,10 +131,10 @@ def gather_groups(run_round: Callable[[int], Round], *, target_groups: int, max_
         counts["filter/kept_groups"] += stats.kept
         counts["filter/dropped_all_correct"] += stats.dropped_all_correct
         counts["filter/dropped_all_wrong"] += stats.dropped_all_wrong
-        if _all_reduce_sum(len(kept), dp_group) >= target_groups:
+        if all_reduce_int(len(kept), dp_group) >= target_groups:
             break
-    per_rank = _all_gather(len(kept), dp_group)
-    rank = dist.get_rank(dp_group) if dp_group is not None and dist.is_initialized() else 0
+    per_rank = all_gather_int(len(kept), dp_group)
+    rank, _ = rank_and_size(dp_group)
     quota = group_quotas(per_rank, target_groups)[rank]
     mine = kept[:quota]
     samples = [rounds[r].samples[g] for r, g in mine]

@@ -27,7 +27,7 @@ from megatron_papo.config import PapoConfig, resume_drift, to_dict
 from megatron_papo.distributed import ProcessGroups, is_rank_zero
 from megatron_papo.losses import PapoLossConfig, token_mean
 from megatron_papo.ops import global_token_count
-from megatron_papo.ops.groups import collective_device
+from megatron_papo.ops.groups import all_reduce_int
 from megatron_papo.rewards import RewardResult
 from megatron_papo.rollout import RolloutResult, SamplingParams
 from megatron_papo.training import dynamic_sampling, steps
@@ -99,13 +99,6 @@ def fill_log_probs(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: Process
         batch.ref_log_probs = compute_log_probs(parts.ref_chunks, batch, **kw)
 
 
-def _all_reduce_int(value: int, group: dist.ProcessGroup | None, op: dist.ReduceOp) -> int:
-    t = torch.tensor(value, dtype=torch.int64, device=collective_device(group))
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return int(t.item())
-
-
 def _mini_batches(batch: TrainBatch, rows_per_update: int, micro: int, count: int) -> list[TrainBatch]:
     """Split into mini-batches of <= rows_per_update rows (padded to whole micro-batches), then
     append inert mini-batches up to `count` (every data-parallel replica takes `count` updates)."""
@@ -123,7 +116,7 @@ def _update(parts: Parts, batch: TrainBatch, cfg: PapoConfig, pg: ProcessGroups,
     rows_per_update = max(cfg.train.micro_batch_size,
                           cfg.train.update_prompts * cfg.rollout.n // pg.dp_size)
     # the DAPO filter can leave replicas with different row counts: agree on the update count
-    count = _all_reduce_int(-(-batch.num_rows // rows_per_update), pg.dp, dist.ReduceOp.MAX)
+    count = all_reduce_int(-(-batch.num_rows // rows_per_update), pg.dp, dist.ReduceOp.MAX)
     out = []
     for _ in range(cfg.train.epochs_per_step):
         for mini in _mini_batches(batch, rows_per_update, cfg.train.micro_batch_size, count):
@@ -152,18 +145,34 @@ def _sampling_round(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int,
                                   rewards=steps.score(result, samples, parts.tokenizer, cfg.reward))
 
 
-def _gather_step_rollouts(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int
-                          ) -> tuple[list, list, RolloutResult, steps.Advantages, dict[str, float], float]:
-    """(samples, pixels, rollout, advantages, rollout metrics, generated tokens) of an RL step:
-    one round, or with the DAPO filter, rounds until enough groups survive
-    (:mod:`~megatron_papo.training.dynamic_sampling`)."""
+@dataclass
+class StepRollouts:
+    """What an RL step trains on, after its sampling round(s)."""
+
+    samples: list
+    """The prompts, one per group (rows of ``result`` are ``rollout.n`` per prompt)."""
+    pixels: list
+    """Each prompt's image tensor (None for a text-only prompt)."""
+    result: RolloutResult
+    """The rollouts trained on."""
+    advantages: steps.Advantages
+    """Their advantages and the rows the filter kept."""
+    metrics: dict[str, float]
+    """Rollout, reward and filter metrics of every rollout generated this step (this rank)."""
+    generated_tokens: float
+    """Tokens generated this step on this rank, over every round."""
+
+
+def _gather_step_rollouts(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> StepRollouts:
+    """The rollouts of an RL step: one round, or with the DAPO filter, rounds until enough groups
+    survive (:mod:`~megatron_papo.training.dynamic_sampling`)."""
     algo = cfg.algorithm
     if not algo.group_filter:
         rnd = _sampling_round(parts, cfg, pg, step, 0)
         adv = steps.group_advantages(rnd.rewards, cfg.rollout.n, algo)
         local = {**steps.rollout_metrics(rnd.result, rnd.rewards), **adv.metrics}
-        return (rnd.samples, rnd.pixels, rnd.result, adv, local,
-                float(rnd.result.metrics.get("generated_tokens", 0.0)))
+        return StepRollouts(rnd.samples, rnd.pixels, rnd.result, adv, local,
+                            float(rnd.result.metrics.get("generated_tokens", 0.0)))
     got = dynamic_sampling.gather_groups(lambda r: _sampling_round(parts, cfg, pg, step, r),
                                          target_groups=cfg.rollout.prompts_per_step,
                                          max_rounds=algo.max_sampling_rounds, low=algo.filter_low,
@@ -178,11 +187,11 @@ def _gather_step_rollouts(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step
         adv = steps.Advantages(advantages=group_normalized_advantages(got.rewards, cfg.rollout.n,
                                                                       norm_by_std=algo.norm_adv_by_std),
                                kept_rows=torch.arange(len(got.result)), metrics=got.metrics)
-        return got.samples, got.pixels, got.result, adv, local, generated
+        return StepRollouts(got.samples, got.pixels, got.result, adv, local, generated)
     first = got.generated[0]  # nothing to train on here: round 0's rows, made inert by update_batch
     adv = steps.Advantages(advantages=torch.zeros(0), kept_rows=torch.zeros(0, dtype=torch.long),
                            metrics=got.metrics)
-    return first.samples, first.pixels, first.result, adv, local, generated
+    return StepRollouts(first.samples, first.pixels, first.result, adv, local, generated)
 
 
 def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict[str, float]:
@@ -190,12 +199,13 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
     t0 = time.perf_counter()
     model = parts.model_chunks[0]
     sync = steps.prepare_engine(parts.engine, parts.model_chunks, pg)  # vLLM: weights in, KV cache back
-    samples, pixels, result, adv, local, generated = _gather_step_rollouts(parts, cfg, pg, step)
+    got = _gather_step_rollouts(parts, cfg, pg, step)
+    samples, pixels, result, adv, local = got.samples, got.pixels, got.result, got.advantages, got.metrics
     parts.engine.release()  # vLLM: sleep, its memory goes back to training
     t_rollout = time.perf_counter() - t0
     # Updates are collective over data-parallel replicas: skip only when no replica kept a group
     # (DAPO filter); a replica that kept none takes part with inert rows (no loss, no gradient).
-    kept_anywhere = _all_reduce_int(int(adv.kept_rows.numel()), pg.dp, dist.ReduceOp.SUM)
+    kept_anywhere = all_reduce_int(int(adv.kept_rows.numel()), pg.dp, dist.ReduceOp.SUM)
     update_metrics: list[dict[str, float]] = []
     if kept_anywhere > 0:
         masked_pixels = (steps.masked_prompt_pixels(model, samples, steps.training_masking(
@@ -210,7 +220,8 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
     out = reduce_step_metrics([{k: torch.tensor(v) for k, v in local.items()}], pg.dp)
     out.update(combine_update_metrics(update_metrics))
     out.update(step_time=seconds, rollout_time=t_rollout,
-               tokens_per_s=generated * pg.dp_size / max(seconds, 1e-9), updates=float(len(update_metrics)))
+               tokens_per_s=got.generated_tokens * pg.dp_size / max(seconds, 1e-9),
+               updates=float(len(update_metrics)))
     if "sync_seconds" in sync:
         out.update(weight_sync_time=sync["sync_seconds"], weight_sync_gb=sync["bytes"] / 2**30)
     return out

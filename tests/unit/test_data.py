@@ -436,7 +436,7 @@ def test_text_only_floor_of_easy_vqa():
     # 0.670 is the issue's own count (issue 16); recomputed from the package's files here
     assert text_only_accuracy() == pytest.approx(0.6700, abs=5e-5)
     assert text_only_accuracy(num_prompts=128) == pytest.approx(83 / 128)  # the quickstart's eval prompts
-    with pytest.raises(ValueError, match="not a built-in source"):
+    with pytest.raises(DataError, match="unknown split 'validation' of built-in source 'easy_vqa'"):
         text_only_accuracy("easy_vqa:validation")
 
 
