@@ -20,13 +20,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from megatron_papo.losses import PapoLossConfig, papo_loss
 from megatron_papo.ops import global_token_count, vocab_parallel_log_probs
-from megatron_papo.ops.groups import collective_device
+from megatron_papo.ops.groups import all_gather_int, all_reduce_int, collective_device
 from megatron_papo.rollout import RolloutResult
 from megatron_papo.training import steps
 from megatron_papo.training.batch import micro_batch_dicts, model_device
 from megatron_papo.training.checkpointing import _check_finite_parameters
 from megatron_papo.training.metrics import reduce_step_metrics
-from megatron_papo.training.trainer import _all_reduce_int
 
 FAKE_CUDA = torch.device("cuda", 0)
 META = torch.device("meta")
@@ -129,7 +128,12 @@ def fake_nccl_group(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    def all_gather(out, tensor, group=None, async_op=False):
+        devices.append(tensor.device)
+        raise _Recorded
+
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
     return object(), devices
 
 
@@ -139,7 +143,8 @@ def test_collectives_get_tensors_on_their_groups_device(fake_nccl_group):
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = RecordingModel(FAKE_CUDA)
         calls = [
-            lambda: _all_reduce_int(3, group, dist.ReduceOp.SUM),  # host int -> the group's device
+            lambda: all_reduce_int(3, group, dist.ReduceOp.SUM),  # host int -> the group's device
+            lambda: all_gather_int(3, group),
             lambda: reduce_step_metrics([{"reward": torch.tensor(0.5)}], group),  # host metrics
             lambda: reduce_step_metrics([{"loss": torch.zeros((), device=FAKE_CUDA),
                                           "num_tokens": torch.tensor(4)}], group, mode="sum"),
