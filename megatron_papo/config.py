@@ -144,6 +144,12 @@ class ParallelConfig:
     (mcore_compat patch)."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective (gloo or NCCL, the default group and megatron-core's groups alike)
+    waits for the other ranks before it fails: a rank that hangs (stopped, deadlocked, a stuck
+    file system) then ends the whole job within about this time instead of holding every other
+    rank. Keep it above the longest legitimate wait (a checkpoint save, the first step's
+    compile, a slow rollout on another rank)."""
 
 
 @dataclass
@@ -695,6 +701,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "model.vocab_size": Bound(2), "model.seq_length": Bound(2),
     **{f"parallel.{k}": POSITIVE for k in ("tp", "pp", "cp", "vpp")},
     "parallel.first_stage_layers": NON_NEGATIVE, "parallel.last_stage_layers": NON_NEGATIVE,
+    "parallel.collective_timeout_s": Bound(0.0, 7 * 86400.0, lo_open=True),
     "algorithm.filter_low": UNIT, "algorithm.filter_high": UNIT, "algorithm.max_sampling_rounds": POSITIVE,
     **{f"loss.{k}": NON_NEGATIVE for k in ("gamma", "entropy_coef_orig", "entropy_coef_mask",
                                            "ref_kl_coef", "gamma_decay_steps")},

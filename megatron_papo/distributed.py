@@ -16,7 +16,6 @@ then context, data, and pipeline outermost.
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import random
 import sys
@@ -157,7 +156,8 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, vpp: int | None =
             ``world_size // (tp * pp * cp)``.
         vpp: virtual pipeline stages per rank (interleaved 1F1B), None for none.
         backend: "nccl" or "gloo"; None picks nccl when CUDA is available, else gloo.
-        timeout_s: collective timeout.
+        timeout_s: collective timeout in seconds, of the default group (when created here) and of
+            every megatron-core group (its ``distributed_timeout_minutes``, fractional).
         seed: seeds python, numpy and torch, then megatron-core's model-parallel RNG tracker
             (``model_parallel_cuda_manual_seed``); None leaves every RNG alone.
 
@@ -202,7 +202,7 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, vpp: int | None =
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
-        distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
+        distributed_timeout_minutes=timeout_s / 60,  # megatron-core: timedelta(minutes=...)
     )
     if seed is not None:
         random.seed(seed)
@@ -217,9 +217,10 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, vpp: int | None =
     return ProcessGroups.from_parallel_state()
 
 
-def init_distributed_from_config(parallel: Any, *, seed: int | None = 1234, backend: str | None = None,
-                                 timeout_s: float = 1800) -> ProcessGroups:
-    """`init_distributed` with the sizes of a `config.ParallelConfig` (parallel.tp/pp/cp/vpp).
+def init_distributed_from_config(parallel: Any, *, seed: int | None = 1234,
+                                 backend: str | None = None) -> ProcessGroups:
+    """`init_distributed` with the sizes and the collective timeout of a `config.ParallelConfig`
+    (parallel.tp/pp/cp/vpp, parallel.collective_timeout_s).
 
     Also runs the config's cross-section check against the actual world size first, so a
     layout that does not fit the launched ranks stops with the config's own message.
@@ -230,7 +231,7 @@ def init_distributed_from_config(parallel: Any, *, seed: int | None = 1234, back
         raise ConfigError(f"world size {world} is not divisible by parallel.tp*pp*cp = "
                           f"{parallel.tp}*{parallel.pp}*{parallel.cp} = {mp}")
     return init_distributed(parallel.tp, parallel.pp, parallel.cp, vpp=parallel.vpp, backend=backend,
-                            timeout_s=timeout_s, seed=seed)
+                            timeout_s=parallel.collective_timeout_s, seed=seed)
 
 
 def destroy_distributed() -> None:

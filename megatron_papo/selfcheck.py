@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from megatron_papo.compat import mcore_compat
 from megatron_papo.distributed import destroy_distributed, init_distributed, is_rank_zero
+from megatron_papo.errors import exit_on_user_error
 from megatron_papo.losses import PapoLossConfig, papo_loss
 from megatron_papo.ops import papo_token_stats, vocab_parallel_log_probs
 
@@ -132,6 +133,7 @@ def papo_step_on_gpt(tp_group: dist.ProcessGroup | None, tp: int) -> tuple[float
     return loss.item(), sq.sqrt().item(), seconds
 
 
+@exit_on_user_error  # a missing extra or a layout that does not fit: one line, exit 2 (errors.py)
 def main() -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     pg = init_distributed(tp=world)

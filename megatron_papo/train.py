@@ -12,11 +12,9 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from megatron_papo.cli import Command, Flag, parse_cli
 from megatron_papo.compat.runtime_checks import check_runtime
-from megatron_papo.config import save_config
 from megatron_papo.distributed import destroy_distributed, init_distributed_from_config, is_rank_zero
 from megatron_papo.errors import exit_on_user_error, report_user_error
 
@@ -62,9 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"initial weights: {path}")
         destroy_distributed()
         return 0
-    if is_rank_zero():
-        Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.logging.dir) / "config.yaml")
     try:
         result = train(cfg, pg)
     except NonFiniteTrainingError as e:  # the run's own verdict, not a crash: one line, no traceback

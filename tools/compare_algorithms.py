@@ -84,6 +84,8 @@ from _compare_report import (  # noqa: E402
     summary_table,
 )
 
+from megatron_papo.errors import UserError, exit_on_user_error  # noqa: E402  (floor 0: imports nothing)
+
 DEFAULT_ALGOS = ("grpo", "papo_g", "papo_d")
 # Chosen so that 3 algorithms x 3 seeds take about 20 minutes on 2 CPU cores (docs/RESULTS.md).
 DEFAULT_BUDGET = (
@@ -137,7 +139,7 @@ def merge_overrides(*groups: Sequence[str]) -> list[str]:
         for item in group:
             key, eq, value = item.partition("=")
             if not eq or not key:
-                raise SystemExit(f"--budget: expected key=value, got {item!r}")
+                raise UserError(f"--budget: expected key=value, got {item!r}")
             merged[key.strip()] = value
     return [f"{k}={v}" for k, v in merged.items()]
 
@@ -147,7 +149,7 @@ def budget_overrides(quick: bool, extra: Sequence[str]) -> list[str]:
     budget = merge_overrides(QUICK_BUDGET if quick else DEFAULT_BUDGET, extra)
     clash = [b for b in budget if b.partition("=")[0] in (*PER_RUN_KEYS, "algorithm.name")]
     if clash:
-        raise SystemExit(f"--budget may not set {clash}: the tool sets them per run")
+        raise UserError(f"--budget may not set {clash}: the tool sets them per run")
     return budget
 
 
@@ -275,6 +277,7 @@ def relative_link(target: Path, start: Path) -> str:
     return os.path.relpath(target, start)
 
 
+@exit_on_user_error  # a wrong flag value: "error: <message>", exit 2 (megatron_papo/errors.py)
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
@@ -282,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     for a in algos:
         if not (ROOT / "examples" / f"tiny_{a}.yaml").is_file():
-            raise SystemExit(f"--algos: no examples/tiny_{a}.yaml")
+            raise UserError(f"--algos: no examples/tiny_{a}.yaml")
     out, results_md, plot = resolve(args.out), resolve(args.results), resolve(args.plot)
     specs = [run_spec(a, s, out, budget_overrides(args.quick, args.budget))
              for a in algos for s in range(1, args.seeds + 1)]

@@ -17,7 +17,10 @@ import sys
 
 import _launch
 
+from megatron_papo.errors import exit_on_user_error  # floor 0: imports nothing
 
+
+@exit_on_user_error  # any UserError not caught below: "error: <message>", exit 2 (errors.py)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--megatron", required=True, help="checkpoint root (follows 'latest') or a step_* dir")

@@ -21,6 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_papo.errors import exit_on_user_error
 from megatron_papo.planner import (
     GIB,
     PRESETS,
@@ -189,6 +190,7 @@ def validate_on_cpu() -> int:
     return 0
 
 
+@exit_on_user_error  # any UserError not caught below: "error: <message>", exit 2 (errors.py)
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 (fits), 1 (does not fit) or 2 (a wrong argument, config or layout: one line)."""
     args = build_parser().parse_args(argv)

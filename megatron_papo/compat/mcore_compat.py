@@ -1,6 +1,6 @@
 """The one place where megatron_papo patches or works around megatron-core.
 
-Five jobs, each small:
+Six jobs, each small:
 
 1. **Importing megatron-core safely** (:func:`import_megatron_core`, in this module). Importing this
    module registers a placeholder for the single unguarded ``import triton`` of megatron-core 0.19.x
@@ -28,6 +28,14 @@ Five jobs, each small:
    and never materialises the logits; GPTModel has no switch for that, so its output layer's
    ``forward`` is replaced on the instance for the duration of a pass.
 
+6. **Synchronous checkpoint writes without a server process** (:func:`sync_save_in_process`):
+   megatron-core's torch_dist writer hands its write results back through a queue of a
+   ``multiprocessing`` Manager, a spawned server process created at the first save that lives as
+   long as the trainer. A trainer killed with SIGKILL (a scheduler's timeout, the OOM killer) leaves
+   that server behind, re-parented to init, forever (~270 MB each, measured). For the synchronous
+   saves the trainer makes, the results never leave the process, so a plain in-process queue
+   serves; the Manager is never started.
+
 Plus dependency probes for the optional GPU stack (:func:`have_transformer_engine`, ...,
 :func:`require`), in :mod:`megatron_papo.compat.optional_deps`.
 
@@ -42,6 +50,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import queue
 import sys
 import time
 import types
@@ -100,6 +109,7 @@ __all__ = [
     "require",
     "revert_cpu_patches",
     "rotary_tables_unsharded",
+    "sync_save_in_process",
     "vocab_parallel_cross_entropy",
 ]
 
@@ -619,3 +629,39 @@ def output_weight(module: Any) -> Any:
                 return m.shared_embedding_or_output_weight()
             return m.output_layer.weight
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Synchronous checkpoint writes without a server process
+# ---------------------------------------------------------------------------------------------
+_WRITE_RESULTS_MODULE = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+
+
+@contextlib.contextmanager
+def sync_save_in_process() -> Iterator[None]:
+    """Within this block, a synchronous ``dist_checkpointing.save`` passes its write results
+    through an in-process queue instead of a spawned Manager's (module doc, job 6).
+
+    ``FileSystemWriterAsync.prepare_write_data`` asks ``_get_write_results_queue()`` for the
+    queue, which starts ``multiprocessing.get_context("spawn").Manager()`` on first use; a
+    synchronous save then puts into and gets from that queue in the same process
+    (``AsyncRequest.execute_sync`` runs the write function here; its forked per-bucket workers
+    report through their own fork-context queues). The module-level ``_results_queue`` is set to
+    a ``queue.Queue`` for the block and restored after, so an asynchronous save made elsewhere
+    still gets the Manager's. A no-op on a megatron-core without that module or attribute.
+    Not for asynchronous saves: their writer runs in another process.
+    """
+    try:
+        fs_async = importlib.import_module(_WRITE_RESULTS_MODULE)
+    except ImportError:
+        yield
+        return
+    if not hasattr(fs_async, "_results_queue"):
+        yield
+        return
+    saved = fs_async._results_queue
+    fs_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        fs_async._results_queue = saved

@@ -170,12 +170,16 @@ def dist_ckpt_save(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike, 
 
 def dist_ckpt_load(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike, *,
                    strict: str = "assume_ok_unexpected", validate_access_integrity: bool = True):
-    """``dist_checkpointing.load`` with the arguments both versions share.
+    """``dist_checkpointing.load`` with the arguments both versions share, plus megatron-core's
+    own integrity check (``verify_integrity=True``) on the versions whose ``load`` takes it.
 
     (0.16 also takes ``common_strategy``; 0.19 adds ``process_group``/``verify_integrity``.)
-    0.19 reads checkpoints written by 0.16; 0.16 cannot read those written by 0.19.
+    0.19 reads checkpoints written by 0.16; 0.16 cannot read those written by 0.19. The project's
+    manifest check (training/checkpointing.py) runs first on every version.
     """
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir), strict=strict,
-                                   validate_access_integrity=validate_access_integrity)
+    kwargs: dict[str, Any] = dict(strict=strict, validate_access_integrity=validate_access_integrity)
+    if _accepts(dist_checkpointing.load, "verify_integrity"):
+        kwargs["verify_integrity"] = True
+    return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir), **kwargs)

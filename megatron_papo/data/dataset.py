@@ -89,6 +89,9 @@ class SkipStats:
     """Skips per reason (SKIP_REASONS), build and read time together."""
     examples: list[str] = field(default_factory=list)
     """The first few skipped rows as ``file:row: reason (detail)``."""
+    read_failures: int = 0
+    """Reads that failed after the build (an image removed or damaged since): each is also in
+    ``counts`` under its reason; the trainer reports them per step (``data/read_failures``)."""
 
     @property
     def skipped(self) -> int:
@@ -306,8 +309,10 @@ class PromptDataset:
                 images = [_read_image(ref) for ref in entry.images]
                 return self._sample(entry, images, index)
             except _Skip as skip:
+                self.stats.read_failures += 1
                 self._record(skip, entry.where)
             except ValueError as e:  # an image replaced since the build by one the model refuses
+                self.stats.read_failures += 1
                 self._record(_Skip("unsupported_image", str(e)), entry.where)
         raise DataError(f"no image of the dataset could be read any more: {self.stats.summary()}")
 

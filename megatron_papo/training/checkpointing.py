@@ -35,6 +35,7 @@ The paths must be on a filesystem that every rank sees.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -59,6 +60,7 @@ __all__ = [
     "find_latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "read_trainer_state",
     "resolve_checkpoint",
     "rng_state",
     "save_checkpoint",
@@ -313,6 +315,19 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _storage_error(e: OSError) -> bool:
+    """A fault of the storage the user can fix (full disk or quota, no permission, read-only)."""
+    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _latest_name(root: Path) -> str:
+    try:
+        latest = find_latest_checkpoint(root)
+    except CheckpointError:
+        latest = None
+    return f"the newest checkpoint is still {latest}" if latest is not None else "no checkpoint was written"
+
+
 def _prune(root: Path, keep_last: int, keep: Path) -> list[Path]:
     """Delete complete checkpoints beyond the newest ``keep_last`` (never ``keep``) and leftover
     temporary directories of crashed saves. ``keep_last <= 0`` keeps every checkpoint."""
@@ -427,21 +442,28 @@ def save_checkpoint(root: str | os.PathLike, step: int, model_chunks: list[torch
     meta_json = json.dumps({"format_version": FORMAT_VERSION, "step": step, "layout": _layout(pg),
                             "megatron_core": str(mcore_compat.MCORE_VERSION),
                             "optimizer": None if optimizer is None else dict(OPTIMIZER_METADATA)}, indent=2)
-    if pg.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
+    try:
+        if pg.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)  # empty: megatron-core warns about a non-empty target
+        barrier(pg.world)
+        state = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
+        with mcore_compat.sync_save_in_process():  # no Manager process to orphan on SIGKILL
+            mcore_compat.dist_ckpt_save(state, tmp, content_metadata=dict(OPTIMIZER_METADATA))
+        (tmp / RNG_DIR).mkdir(exist_ok=True)
+        torch.save(rng_state(), _rng_file(tmp, pg.rank))
+        if pg.rank == 0:
+            (tmp / TRAINER_STATE_FILE).write_text(trainer_json)
+            (tmp / META_FILE).write_text(meta_json)
+        barrier(pg.world)  # every rank has finished writing into tmp
+        _write_manifest(tmp, pg)  # last: it covers every file above
+    except BaseException as e:  # nothing half-written stays behind; `latest` still names the last good one
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)  # empty: megatron-core warns about a non-empty target
-    barrier(pg.world)
-
-    state = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
-    mcore_compat.dist_ckpt_save(state, tmp, content_metadata=dict(OPTIMIZER_METADATA))
-    (tmp / RNG_DIR).mkdir(exist_ok=True)
-    torch.save(rng_state(), _rng_file(tmp, pg.rank))
-    if pg.rank == 0:
-        (tmp / TRAINER_STATE_FILE).write_text(trainer_json)
-        (tmp / META_FILE).write_text(meta_json)
-    barrier(pg.world)  # every rank has finished writing into tmp
-    _write_manifest(tmp, pg)  # last: it covers every file above
+        if isinstance(e, OSError) and _storage_error(e):
+            raise CheckpointError(f"could not write checkpoint {final.name} under {root} ({e}); its partial "
+                                  f"files were removed, {_latest_name(root)}") from e
+        raise
 
     if pg.rank == 0:
         _publish(tmp, final)
@@ -465,6 +487,16 @@ def _load_rng(ckpt: Path, meta: dict[str, Any], pg: ProcessGroups) -> bool:
         raise CheckpointError(f"checkpoint {ckpt} has no RNG state for rank {pg.rank} ({path})")
     set_rng_state(torch.load(path, weights_only=False))  # our own file: python/numpy states are pickled
     return True
+
+
+def read_trainer_state(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state (step, phase, sampler, config) saved in one ``step_*`` directory
+    (read as is: :func:`verify_checkpoint` first when the checkpoint may be damaged)."""
+    path = Path(ckpt) / TRAINER_STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the trainer state ({e})") from e
 
 
 def load_checkpoint(root_or_dir: str | os.PathLike, model_chunks: list[torch.nn.Module],
@@ -513,6 +545,6 @@ def load_checkpoint(root_or_dir: str | os.PathLike, model_chunks: list[torch.nn.
             optimizer.reload_model_params()  # bf16: copy the loaded weights into the fp32 main params
     if load_rng:
         _load_rng(ckpt, meta, pg)
-    trainer_state = json.loads((ckpt / TRAINER_STATE_FILE).read_text())
+    trainer_state = read_trainer_state(ckpt)
     barrier(pg.world)
     return trainer_state

@@ -127,6 +127,30 @@ def combine_update_metrics(per_update: Sequence[Mapping[str, float]]) -> dict[st
     return out
 
 
+RUN_FILES: tuple[str, ...] = ("metrics.jsonl", "config.yaml", "training.png", "tensorboard")
+"""What a run writes into ``logging.dir``; a fresh run moves an earlier run's aside."""
+
+
+def move_earlier_run_aside(run_dir: str | Path) -> list[Path]:
+    """Rename each of :data:`RUN_FILES` present in ``run_dir`` to ``<name>.prev-<n>``, one ``n`` for
+    all (the smallest that names none of them yet), printing each move; returns the new paths.
+    Nothing of an earlier run is deleted or overwritten by a fresh run into the same folder."""
+    run_dir = Path(run_dir)
+    present = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if not present:
+        return []
+    n = 1
+    while any((run_dir / f"{name}.prev-{n}").exists() for name in RUN_FILES):
+        n += 1
+    moved = []
+    for path in present:
+        new = path.with_name(f"{path.name}.prev-{n}")
+        path.rename(new)
+        moved.append(new)
+        print(f"[megatron_papo] {path} is an earlier run's: moved to {new}")
+    return moved
+
+
 class MetricsLogger:
     """Writes one JSON line per logged step to `<dir>/metrics.jsonl` and TensorBoard events.
 
@@ -139,8 +163,8 @@ class MetricsLogger:
                  resume: bool = False, resume_step: int | None = None) -> None:
         """``resume``: append to the file; with ``resume_step`` (the checkpoint's step) its rows past
         that step (a killed run's steps after its last checkpoint) are dropped first, so each
-        step appears once. A fresh run never deletes an earlier file: it is moved aside
-        (``metrics.jsonl.prev-<n>``) and the move is printed."""
+        step appears once. A fresh run never deletes an earlier run's files: they are moved
+        aside (:func:`move_earlier_run_aside`, ``metrics.jsonl.prev-<n>``) and each move printed."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
@@ -149,11 +173,10 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            if not resume:
-                self._move_aside()
-            elif resume_step is not None:
-                self._drop_rows_after(resume_step)
+        if not resume:
+            move_earlier_run_aside(self.run_dir)
+        elif resume_step is not None and self.path.exists():
+            self._drop_rows_after(resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -161,13 +184,6 @@ class MetricsLogger:
                 self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
             except ImportError as e:
                 print(f"[megatron_papo] TensorBoard disabled ({e}); metrics still go to {self.path}")
-
-    def _move_aside(self) -> None:
-        n = 1
-        while (old := self.path.with_name(f"{self.path.name}.prev-{n}")).exists():
-            n += 1
-        self.path.rename(old)
-        print(f"[megatron_papo] {self.path} held an earlier run's metrics: moved to {old}")
 
     def _drop_rows_after(self, step: int) -> None:
         kept, dropped = [], 0

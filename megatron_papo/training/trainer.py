@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_papo.algorithms import group_normalized_advantages
-from megatron_papo.config import PapoConfig, resume_drift, to_dict
+from megatron_papo.config import PapoConfig, resume_drift, save_config, to_dict
 from megatron_papo.distributed import ProcessGroups, is_rank_zero
 from megatron_papo.losses import PapoLossConfig, token_mean
 from megatron_papo.ops import global_token_count
@@ -43,6 +43,7 @@ from megatron_papo.training.checkpointing import (
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
+    read_trainer_state,
     resolve_checkpoint,
     save_checkpoint,
     verify_checkpoint,
@@ -329,7 +330,9 @@ def _sync_reference(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, *, resumed
     resumed run uses the same one."""
     if parts.ref_chunks is None:
         return
-    if resumed and cfg.checkpoint.dir and (_ref_dir(cfg) / "latest").exists():
+    if resumed and cfg.checkpoint.dir:  # the reference is the policy as RL began: it cannot be rebuilt now
+        if resolve_checkpoint(_ref_dir(cfg)) is None:
+            raise _missing_reference(cfg)
         load_checkpoint(_ref_dir(cfg), parts.ref_chunks, None, pg, load_optimizer=False, load_rng=False)
         return
     for ref, pol in zip(parts.ref_chunks, parts.model_chunks, strict=True):
@@ -357,6 +360,42 @@ def _newest_intact(ckpt_dir: str, pg: ProcessGroups) -> Path | None:
     raise CheckpointError(f"no intact checkpoint under {ckpt_dir}: " + "; ".join(problems))
 
 
+def _earlier_checkpoints(ckpt_dir: str) -> str:
+    """The checkpoints (complete or not) already under ``ckpt_dir``, said briefly; '' for none."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return ""
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    if (root / "reference").is_dir():
+        found.append("reference")
+    if not found:
+        return ""
+    return ", ".join(found[-3:]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+
+
+def _missing_reference(cfg: PapoConfig) -> CheckpointError:
+    return CheckpointError(f"{_ref_dir(cfg)}: the reference model's checkpoint is missing; a run resumed "
+                           "in its RL phase cannot rebuild it (it is the policy at the first RL step). "
+                           "Restore the folder, or set loss.ref_kl_coef=0 with --resume-allow-changes")
+
+
+def _check_reference(cfg: PapoConfig, found: Path, pg: ProcessGroups) -> None:
+    """A run resumed in its RL phase with a reference model needs ``<checkpoint.dir>/reference``
+    intact: checked now, with the policy's checkpoint, not at the first RL step (collective)."""
+    if cfg.loss.ref_kl_coef <= 0:
+        return
+    state = read_trainer_state(found)
+    if state.get("phase") != "rl" or int(state.get("step", 0)) <= cfg.train.sft_warmup_steps:
+        return  # RL has not begun in that checkpoint: the reference is built from the policy then
+    ref = resolve_checkpoint(_ref_dir(cfg)) if _ref_dir(cfg).exists() else None
+    if ref is None:
+        raise _missing_reference(cfg)
+    problem = verify_checkpoint(ref, pg)
+    if problem is not None:
+        raise CheckpointError(f"the reference model's checkpoint {ref} is damaged ({problem}); it has no "
+                              "older copy (every policy checkpoint of the RL phase shares it)")
+
+
 def resume_point(cfg: PapoConfig, pg: ProcessGroups) -> Path | None:
     """The checkpoint this run continues (None: a fresh start), said in one line on rank 0.
 
@@ -370,6 +409,12 @@ def resume_point(cfg: PapoConfig, pg: ProcessGroups) -> Path | None:
         if found is None and not cfg.checkpoint.resume_or_start:
             raise CheckpointError(f"--resume: no checkpoint under {ckpt_dir} (checkpoint.dir); pass "
                                   "--resume-or-start to start fresh when there is none")
+        if found is not None:
+            _check_reference(cfg, found, pg)
+    elif ckpt_dir and (earlier := _earlier_checkpoints(ckpt_dir)):
+        raise CheckpointError(f"checkpoint.dir {ckpt_dir} holds an earlier run's checkpoints ({earlier}); a "
+                              "fresh run there would prune them and mix the two. Pass --resume to continue "
+                              "that run, or set checkpoint.dir to an empty or new folder")
     if is_rank_zero():
         if found is not None:
             _log.info("resuming from %s", found)
@@ -391,6 +436,23 @@ def _check_resume_drift(cfg: PapoConfig, state: dict[str, Any], ckpt: Path) -> N
             _log.warning("resuming with a changed field (--resume-allow-changes): %s", line)
 
 
+def _read_failures(parts: Parts) -> int:
+    """Image reads that failed on this rank since the datasets were built (training and eval):
+    each sample was replaced by the next good row (data.dataset); counted, never silent."""
+    datasets = [parts.dataset, parts.extra.get("eval_dataset")]
+    return sum(d.stats.read_failures for d in datasets if d is not None)
+
+
+def _report_read_failures(parts: Parts, pg: ProcessGroups) -> None:
+    """One line at the end of a run that met unreadable images (collective over dp)."""
+    total = all_reduce_int(_read_failures(parts), pg.dp)
+    if total and is_rank_zero():
+        first = parts.dataset.stats.examples[-3:]
+        _log.warning("%d image read(s) failed during the run (files removed or damaged after the data were "
+                     "checked); each sample was replaced by the next good row (metric "
+                     "data/read_failures_total). Last named here: %s", total, "; ".join(first) or "none")
+
+
 def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> TrainResult:
     """Run the whole job: [resume] -> [SFT warm start] -> RL steps (+ checkpoints, eval) -> summary."""
     found = resume_point(cfg, pg)  # before the model is built: a wrong dir fails in seconds
@@ -410,6 +472,8 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
         init_weights(parts, cfg, pg)
     logger = MetricsLogger(run_dir, enabled=is_rank_zero(), tensorboard=cfg.logging.tensorboard,
                            resume=cfg.checkpoint.resume and start > 0, resume_step=start)
+    if is_rank_zero():  # after the resume checks: a refused run overwrites nothing
+        save_config(cfg, run_dir / "config.yaml")
     sft_steps, total = cfg.train.sft_warmup_steps, cfg.train.sft_warmup_steps + cfg.train.steps
     bar = ProgressBar(total, initial=start, enabled=is_rank_zero() and cfg.logging.progress_bar)
     metrics: dict[str, float] = {}
@@ -431,6 +495,7 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
             metrics = rl_step(parts, cfg, pg, step - sft_steps)
         if on_cuda:
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics["data/read_failures_total"] = float(all_reduce_int(_read_failures(parts), pg.dp))
         phase = "sft" if step + 1 < sft_steps else "rl"
         stop = nonfinite.update(step + 1, metrics)  # counts into metrics; checked after logging them
         if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == total or stop:
@@ -452,6 +517,7 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
     if eval_metrics:
         logger.log(total, eval_metrics)
     logger.close()
+    _report_read_failures(parts, pg)
     return TrainResult(run_dir=run_dir, metrics_path=logger.path, checkpoint=ckpt,
                        final_metrics=metrics, eval_metrics=eval_metrics)
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -51,6 +52,16 @@ def _layout(rank: int, world: int) -> dict:
         init_distributed_from_config(ParallelConfig(tp=3))
     except ConfigError as e:
         out["bad_config"] = str(e)
+    # parallel.collective_timeout_s reaches megatron-core's groups: rank 3 never joins this
+    # all-reduce (a hung rank), the others fail after ~2 s instead of the 1800 s default
+    pg = init_distributed_from_config(ParallelConfig(collective_timeout_s=2.0))
+    if rank != 3:
+        t0 = time.monotonic()
+        try:
+            dist.all_reduce(torch.ones(1), group=pg.dp)
+            out["hung_rank"] = "no timeout"
+        except RuntimeError:
+            out["hung_rank"] = time.monotonic() - t0
     out["bcast"] = broadcast_object({"from": rank}, src=0)
     out["rank_zero"] = is_rank_zero()
     barrier()
@@ -63,6 +74,8 @@ def test_layouts_world4():
     res = run_distributed(_layout, 4)
     # megatron-core order tp-cp-ep-dp-pp: tp ranks adjacent, pp outermost.
     # tp=2, pp=2: tp {0,1},{2,3}; pp {0,2},{1,3}; dp=cp=1; mp = all four.
+    for out in res[:3]:  # 2 s timeout: failed after >= 2 s and well before 1800 s
+        assert isinstance(out["hung_rank"], float) and 1.9 <= out["hung_rank"] < 30, out["hung_rank"]
     for r, out in enumerate(res):
         a = out[(2, 2, 1)]
         assert (a["rank"], a["world_size"]) == (r, 4)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from megatron_papo.errors import UserError
+
 pytest.importorskip("matplotlib")
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "compare_algorithms.py"
@@ -48,9 +50,9 @@ def test_budget_and_commands_are_identical_across_algorithms(tool, tmp_path):
     assert [t[0] for t in tails] == ["train.seed=2", "train.seed=2"]
     assert tails[0][2:] == tails[1][2:]  # everything after logging.dir is the same
     assert specs[1].command[specs[1].command.index("--config") + 1] == "examples/tiny_papo_g.yaml"
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--budget may not set"):
         tool.budget_overrides(False, ["train.seed=3"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="expected key=value"):
         tool.budget_overrides(False, ["no_equals_sign"])
 
 

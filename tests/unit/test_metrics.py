@@ -75,6 +75,22 @@ def test_a_fresh_run_moves_an_earlier_metrics_file_aside_never_deletes_it(tmp_pa
     assert f"moved to {tmp_path / 'metrics.jsonl.prev-2'}" in capsys.readouterr().out
 
 
+def test_a_fresh_run_moves_every_file_of_an_earlier_run_aside_under_one_number(tmp_path, capsys):
+    from megatron_papo.training.metrics import move_earlier_run_aside
+
+    for name in ("metrics.jsonl", "config.yaml", "training.png"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "config.yaml.prev-1").write_text("older still")  # n=1 is taken by one of them
+    moved = move_earlier_run_aside(tmp_path)
+    assert sorted(p.name for p in moved) == ["config.yaml.prev-2", "metrics.jsonl.prev-2",
+                                             "tensorboard.prev-2", "training.png.prev-2"]
+    assert (tmp_path / "config.yaml.prev-1").read_text() == "older still"
+    assert (tmp_path / "training.png.prev-2").read_text() == "training.png"
+    assert not (tmp_path / "config.yaml").exists() and move_earlier_run_aside(tmp_path) == []
+    assert f"moved to {tmp_path / 'tensorboard.prev-2'}" in capsys.readouterr().out
+
+
 def test_resume_drops_the_rows_logged_after_the_checkpoint(tmp_path, capsys):
     """A run killed after logging steps 3 and 4 (and half a line) but checkpointed at step 2:
     resuming from step 2 keeps rows 1-2, so each step appears once."""

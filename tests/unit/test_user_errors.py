@@ -92,6 +92,16 @@ def test_the_line_is_printed_once_per_job_and_node(monkeypatch, capsys, tmp_path
     assert capsys.readouterr().err == "error: y: bad\nerror: z: bad\nerror: z: bad\n"
 
 
+def test_the_comparison_tool_reports_a_wrong_flag_value_in_one_line(capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import compare_algorithms
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    assert compare_algorithms.main(["--algos", "nope"]) == 2
+    assert capsys.readouterr().err == "error: --algos: no examples/tiny_nope.yaml\n"
+
+
 def test_other_exceptions_keep_their_traceback():
     @errors.exit_on_user_error
     def main() -> int:
@@ -114,6 +124,7 @@ def test_resume_says_where_it_starts_and_refuses_a_missing_checkpoint_or_a_chang
     stops when a field that changes the maths differs, unless --resume-allow-changes."""
     _one_error_line(_train(tmp_path, "--resume"), f"--resume: no checkpoint under {tmp_path / 'ckpt'}",
                     "--resume-or-start")
+    assert not (tmp_path / "run" / "config.yaml").exists()  # a refused run writes nothing
     first = _train(tmp_path, "--resume-or-start")
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"starting fresh (no checkpoint under {tmp_path / 'ckpt'})" in first.stderr
