@@ -78,6 +78,14 @@ class PapoLossConfig:
     """"sampled": -log-prob of the sampled token (reference code); "full": exact entropies."""
     masked_grad: bool = False
     """Let gradient flow through the masked branch (needs masked logits/log-probs with a graph)."""
+    kl_target_weights: Literal["pre_update", "current"] = "pre_update"
+    """Weights the detached masked branch (the KL_prcp target and H_mask) is computed with, on the
+    sampled-token path (k3 KL, sampled entropies, masked_grad off). "pre_update": one no-grad
+    masked pass before the step's updates, reused by every mini-batch and epoch, like the old
+    log-probs (the reference's order). "current": the update computes it itself, on the weights
+    being updated (both branches in one pass; ~2x the update's activations). Whatever this says,
+    the masked logits of full KL / full H_mask and masked_grad come from the update (current):
+    a full distribution per token cannot be kept between passes."""
     gamma_schedule: GammaSchedule = "constant"
     """"linear": gamma and both entropy coefficients decay by the same factor."""
     gamma_decay_steps: int = 0
@@ -129,7 +137,8 @@ class PapoLossConfig:
         choices = {"ref_kl_estimator": KL_ESTIMATORS, "kl_prcp_mode": ("k3", "full"),
                    "entropy_mode": ("sampled", "full"), "gamma_schedule": ("constant", "linear"),
                    "loss_agg": LOSS_AGGS, "op_impl": ("auto", "torch", "triton"),
-                   "token_mean_scope": ("global", "micro_batch")}
+                   "token_mean_scope": ("global", "micro_batch"),
+                   "kl_target_weights": ("pre_update", "current")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"one of {list(allowed)}")
@@ -148,8 +157,16 @@ class PapoLossConfig:
         """True when the update itself runs the masked branch (both branches in one pass): its
         logits are needed (full KL / entropies) or its gradient (masked_grad). The masked
         log-probs then come from that pass, on the weights being updated, and no separate no-grad
-        masked pass runs before the update."""
-        return self.uses_masked_branch and (self.masked_grad or self.needs_logits)
+        masked pass runs before the update. Also with ``kl_target_weights: current``."""
+        return self.uses_masked_branch and (self.masked_grad or self.masked_needs_logits
+                                            or self.kl_target_weights == "current")
+
+    @property
+    def masked_needs_logits(self) -> bool:
+        """True when a term needs the masked branch's full logits: full KL_prcp, or full H_mask
+        with a weight on it (full H_orig alone needs only the original logits)."""
+        return (self.gamma > 0 and self.kl_prcp_mode == "full") or (
+            self.entropy_mode == "full" and self.entropy_coef_mask > 0)
 
     @property
     def needs_logits(self) -> bool:

@@ -499,6 +499,24 @@ def read_trainer_state(ckpt: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read the trainer state ({e})") from e
 
 
+def _load_mismatch(e: BaseException) -> str | None:
+    """The first reason of a checkpoint/model mismatch raised by a distributed load (megatron-core's
+    CheckpointingException, possibly wrapped per rank in torch's CheckpointException); None for
+    any other exception (it keeps its traceback)."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(e, CheckpointException):
+        for failure in e.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, BaseException):
+                return _load_mismatch(inner) or str(inner).strip().splitlines()[-1]
+        return str(e).strip().splitlines()[-1]
+    if isinstance(e, CheckpointingException):
+        return str(e).strip().splitlines()[-1]
+    return None
+
+
 def load_checkpoint(root_or_dir: str | os.PathLike, model_chunks: list[torch.nn.Module],
                     optimizer: Any | None, pg: ProcessGroups, *, load_optimizer: bool = True,
                     load_rng: bool = True, verify: bool = True) -> dict[str, Any] | None:
@@ -535,7 +553,14 @@ def load_checkpoint(root_or_dir: str | os.PathLike, model_chunks: list[torch.nn.
         raise CheckpointError(f"checkpoint {ckpt} holds no optimizer state; pass load_optimizer=False")
 
     state = _sharded_state_dict(model_chunks, optimizer if with_optimizer else None, is_loading=True)
-    loaded = mcore_compat.dist_ckpt_load(state, ckpt)
+    try:
+        loaded = mcore_compat.dist_ckpt_load(state, ckpt)
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        reason = _load_mismatch(e)
+        if reason is None:
+            raise
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this model: {reason} (was it saved from "
+                              "another model.* config? the layout may differ, the shapes may not)") from e
     with torch.no_grad():  # DistributedOptimizer's fp32 main params are views of the leaf params
         for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
             _unwrap(chunk).load_state_dict(loaded[key])

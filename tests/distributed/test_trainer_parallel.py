@@ -1,8 +1,9 @@
 """The same first steps (1 warm-start step + 2 RL steps) at TP=2 (with and without sequence
-parallelism), PP=2 (uneven, 1 + 3 layers, and with virtual stages: 4 layers, 2 chunks per
-rank) and CP=2 give the
-TP=1 run's
-losses and metrics, through the real CLI under torchrun, from one shared initial checkpoint.
+parallelism), PP=2 (uneven, 1 + 3 layers, and with virtual stages: 4 layers, 2 chunks per rank),
+CP=2, their pairings with PP (TP=2 + SP x PP=2, PP=2 x CP=2) and dp=2 give the TP=1 run's losses
+and metrics, through the real CLI under torchrun, from one shared initial checkpoint; both the
+full-logits path (full KL and entropies, masked gradient) and the default path (k3, sampled
+entropies, precomputed masked log-probs, detached masked branch).
 
 CP=2 covers the whole context-parallel path: zigzag-sharded sequences in the model (all-gather
 attention), sharded loss terms with global normalisers, log-probs gathered over cp, and rollouts
@@ -29,6 +30,22 @@ KEYS = ["sft_nll", "reward/mean", "pg_loss", "kl_prcp", "entropy_orig", "entropy
         "grad_norm", "response_length"]
 
 
+def _compare(runs: dict[str, dict[int, dict]], ref: dict[int, dict], keys: list[str] = KEYS, *,
+             rel: float = 1e-4, abs_: float = 1e-5) -> int:
+    """Every step's ``keys`` of each run against ``ref``; returns how many values were compared.
+    Default tolerance: fp32 with other reduction orders (vocab shards, stages, replicas) carried
+    through 3 steps at lr 3e-4, 1e-4 relative (module tests' derivation)."""
+    checked = 0
+    for name, run in runs.items():
+        assert sorted(run) == sorted(ref), name
+        for step, row in ref.items():
+            for k in keys:
+                if k in row:
+                    assert run[step][k] == pytest.approx(row[k], rel=rel, abs=abs_), (name, step, k)
+                    checked += 1
+    return checked
+
+
 def _run(tmp: Path, name: str, nproc: int, *extra: str) -> dict[int, dict]:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
                 if nproc > 1 else [sys.executable])
@@ -43,30 +60,36 @@ def _run(tmp: Path, name: str, nproc: int, *extra: str) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
-def test_tp2_sp_pp2_vpp_and_cp2_match_tp1(tmp_path):
-    init = tmp_path / "init"
-    _run(tmp_path, "init", 1, "--save-init", str(init))
-    shared = f"checkpoint.init_weights={init}"
-    ref = _run(tmp_path, "tp1", 1, shared)
-    tp2 = _run(tmp_path, "tp2", 2, shared, "parallel.tp=2")
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """(dir, init-weights override, the TP=1 full-mode run's rows by step): one initial checkpoint
+    that every run of this module starts from, and the reference the full-mode tests compare to."""
+    tmp = tmp_path_factory.mktemp("shared")
+    _run(tmp, "init", 1, "--save-init", str(tmp / "init"))
+    init = f"checkpoint.init_weights={tmp / 'init'}"
+    return tmp, init, _run(tmp, "tp1", 1, init)
+
+
+@pytest.fixture(scope="module")
+def tp2_logits(shared):
+    """The TP=2 full-mode run (logits path): compared with TP=1, and with the fused-linear TP=2 run."""
+    tmp, init, _ = shared
+    return _run(tmp, "tp2", 2, init, "parallel.tp=2")
+
+
+def test_tp2_sp_pp2_vpp_and_cp2_match_tp1(shared, tp2_logits, tmp_path):
+    _, init, ref = shared
     # PP=2 with uneven stages: 1 layer on the first stage (with the embedding and the vision
     # tower), 3 on the last (the even split runs in the fused-linear test below and with vpp here)
-    pp2 = _run(tmp_path, "pp2_uneven", 2, shared, "parallel.pp=2", "parallel.first_stage_layers=1")
-    cp2 = _run(tmp_path, "cp2", 2, shared, "parallel.cp=2")
-    sp2 = _run(tmp_path, "sp2", 2, shared, "parallel.tp=2", "parallel.sequence_parallel=true")
+    pp2 = _run(tmp_path, "pp2_uneven", 2, init, "parallel.pp=2", "parallel.first_stage_layers=1")
+    cp2 = _run(tmp_path, "cp2", 2, init, "parallel.cp=2")
+    sp2 = _run(tmp_path, "sp2", 2, init, "parallel.tp=2", "parallel.sequence_parallel=true")
     # one micro-batch of 8 rows per pass: fewer than pp, so the interleaved schedule is filled with
     # loss-free repeats (schedule._fit_interleaved_schedule); the token means must not change
-    vpp = _run(tmp_path, "vpp", 2, shared, "parallel.pp=2", "parallel.vpp=2", "train.micro_batch_size=8")
+    vpp = _run(tmp_path, "vpp", 2, init, "parallel.pp=2", "parallel.vpp=2", "train.micro_batch_size=8")
     assert sorted(ref) == [1, 2, 3]
-    checked = 0
-    for name, run in (("tp2", tp2), ("pp2_1+3", pp2), ("cp2", cp2), ("tp2_sp", sp2), ("pp2_vpp2", vpp)):
-        for step, row in ref.items():
-            for k in KEYS:
-                if k in row:
-                    # fp32 with different reduction orders (vocab shards, stages): 1e-4 relative
-                    assert run[step][k] == pytest.approx(row[k], rel=1e-4, abs=1e-5), (name, step, k)
-                    checked += 1
-    assert checked >= 5 * (1 + 2 * 8)  # every step's metrics were compared
+    runs = {"tp2": tp2_logits, "pp2_1+3": pp2, "cp2": cp2, "tp2_sp": sp2, "pp2_vpp2": vpp}
+    assert _compare(runs, ref) >= 5 * (1 + 2 * 8)  # every step's metrics were compared
 
 
 def test_dapo_data_parallel_completes(tmp_path):
@@ -85,7 +108,7 @@ def test_dapo_data_parallel_completes(tmp_path):
         assert r["filter/trained_groups"] == min(8, r["filter/kept_groups"])
 
 
-def test_fused_linear_at_tp2_sp_pp2_and_cp2_matches_the_tp1_logits_path(tmp_path):
+def test_fused_linear_at_tp2_sp_pp2_and_cp2_matches_the_tp1_logits_path(shared, tp2_logits, tmp_path):
     """``loss.fused_linear: true`` (hidden states out of the model, ops.fused_linear in every pass)
     at TP=2 (the hidden-state gradient summed over TP by the output layer's region), with sequence
     parallelism (all-gathered hidden states, reduce-scattered gradient), at PP=2 (the weight on
@@ -95,26 +118,45 @@ def test_fused_linear_at_tp2_sp_pp2_and_cp2_matches_the_tp1_logits_path(tmp_path
     sums over the vocabulary run in another order: with V_local ~ 100 here, at worst
     V_local eps32 = 1.2e-5 of a sum's magnitude, typically sqrt(V_local) eps32 ~ 1.2e-6 (random
     rounding), carried through 3 steps at lr 3e-4."""
-    init = tmp_path / "init"
-    _run(tmp_path, "init", 1, "--save-init", str(init))
-    shared = f"checkpoint.init_weights={init}"
-    ref = _run(tmp_path, "tp1", 1, shared)
-    tp2_logits = _run(tmp_path, "tp2_logits", 2, shared, "parallel.tp=2")
+    _, init, ref = shared
     fused = "loss.fused_linear=true"
-    runs = {"tp2": _run(tmp_path, "tp2", 2, shared, fused, "parallel.tp=2"),
-            "tp2_sp": _run(tmp_path, "sp2", 2, shared, fused, "parallel.tp=2",
+    runs = {"tp2": _run(tmp_path, "tp2", 2, init, fused, "parallel.tp=2"),
+            "tp2_sp": _run(tmp_path, "sp2", 2, init, fused, "parallel.tp=2",
                            "parallel.sequence_parallel=true"),
-            "pp2": _run(tmp_path, "pp2", 2, shared, fused, "parallel.pp=2"),
-            "cp2": _run(tmp_path, "cp2", 2, shared, fused, "parallel.cp=2")}
-    checked = 0
-    for name, run in runs.items():
-        for step, row in ref.items():
-            for k in KEYS:
-                if k in row:
-                    assert run[step][k] == pytest.approx(row[k], rel=1e-4, abs=1e-5), (name, step, k)
-                    checked += 1
-    assert checked >= 4 * (1 + 2 * 8)
-    for step, row in tp2_logits.items():
-        for k in KEYS:
-            if k in row:
-                assert runs["tp2"][step][k] == pytest.approx(row[k], rel=1e-5, abs=1e-6), ("tp2", step, k)
+            "pp2": _run(tmp_path, "pp2", 2, init, fused, "parallel.pp=2"),
+            "cp2": _run(tmp_path, "cp2", 2, init, fused, "parallel.cp=2")}
+    assert _compare(runs, ref) >= 4 * (1 + 2 * 8)
+    assert _compare({"tp2": runs["tp2"]}, tp2_logits, rel=1e-5, abs_=1e-6) >= 1 + 2 * 8
+
+
+# The default PAPO path: k3 KL_prcp on the sampled tokens, sampled entropies, the masked log-probs
+# from a no-grad pass before the update (loss.masked_in_update is false), the masked branch detached.
+DEFAULT_PATH = ["loss.kl_prcp_mode=k3", "loss.entropy_mode=sampled", "loss.masked_grad=false"]
+
+
+def test_default_path_at_tp2_sp_with_pp2_and_cp2_with_pp2_matches_tp1(shared, tmp_path):
+    """Two 4-rank layouts cover TP=2, SP, PP=2 and CP=2 and their pairings with PP: TP=2 + SP x
+    PP=2 and PP=2 x CP=2, each against the TP=1 run of the same default path."""
+    _, init, _ = shared
+    ref = _run(tmp_path, "tp1_default", 1, init, *DEFAULT_PATH)
+    runs = {"tp2_sp_pp2": _run(tmp_path, "tp2_sp_pp2", 4, init, *DEFAULT_PATH, "parallel.tp=2",
+                               "parallel.sequence_parallel=true", "parallel.pp=2"),
+            "pp2_cp2": _run(tmp_path, "pp2_cp2", 4, init, *DEFAULT_PATH, "parallel.pp=2", "parallel.cp=2")}
+    assert all(ref[s]["kl_prcp"] != 0 for s in (2, 3))  # the PAPO terms are live in the RL steps
+    assert _compare(runs, ref) >= 2 * (1 + 2 * 8)
+
+
+def test_data_parallel_gives_the_single_replica_loss_and_grad_norm(shared, tmp_path):
+    """dp=2 trains on the same global batch as dp=1 (the sampler's global batch, split into two
+    contiguous halves) and must give its loss and grad norm: token means over both replicas, the
+    gradient all-reduce, the sharded optimizer. Decoding is greedy (rollout.top_k=1) so the
+    rollouts do not depend on the split (sampled draws come from one generator per rank's batch);
+    every group's responses then agree, the advantages are 0, and the gradient of the RL steps is
+    that of KL_prcp, the two entropies and the reference KL, whose token normalisers cross the
+    replicas (the warm-start step's cross-entropy is compared too)."""
+    _, init, _ = shared
+    greedy = [*DEFAULT_PATH, "rollout.top_k=1"]
+    ref = _run(tmp_path, "dp1", 1, init, *greedy)
+    dp2 = _run(tmp_path, "dp2", 2, init, *greedy)
+    assert all(ref[s]["grad_norm"] > 0 for s in ref)
+    assert _compare({"dp2": dp2}, ref, [*KEYS, "num_tokens"]) >= 1 + 2 * 9

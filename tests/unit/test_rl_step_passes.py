@@ -99,6 +99,22 @@ def test_no_grad_masked_pass_runs_only_when_the_update_does_not_run_the_masked_b
     assert "kl_prcp" in m1 and "kl_prcp" in m2
 
 
+def test_full_h_orig_alone_keeps_the_precomputed_masked_pass_and_current_weights_skip_it(pg, tmp_path,
+                                                                                         monkeypatch):
+    """Full entropies with no weight on H_mask and a k3 KL: only H_orig needs logits, the masked
+    branch stays a precomputed no-grad pass (it used to run inside the update, with a graph).
+    ``loss.kl_target_weights: current`` moves the masked branch into the update on the sampled
+    path: no no-grad masked pass, the KL still reported."""
+    h_orig, m1 = _masked_pass_count(pg, tmp_path, monkeypatch, ["loss.kl_prcp_mode=k3",
+                                                                "loss.entropy_mode=full",
+                                                                "loss.entropy_coef_mask=0"])
+    current, m2 = _masked_pass_count(pg, tmp_path, monkeypatch, ["loss.kl_prcp_mode=k3",
+                                                                 "loss.entropy_mode=sampled",
+                                                                 "loss.kl_target_weights=current"])
+    assert (h_orig, current) == (1, 0)
+    assert "kl_prcp" in m1 and "entropy_orig" in m1 and "kl_prcp" in m2 and "entropy_mask" in m2
+
+
 def test_log_prob_passes_divide_the_logits_by_the_sampling_temperature():
     """with_temperature + output_log_probs = log_softmax(logits / T) gathered, on the logits path
     and on the fused path (hidden states and weight / T); T = 1 is the identity. fp32, |logits|

@@ -89,6 +89,17 @@ def test_resume_in_rl_needs_the_reference_checkpoint_intact(pg, one_step):
     assert resume_point(_cfg(tmp, "checkpoint.resume=true", "loss.ref_kl_coef=0"), pg) is not None  # no ref
 
 
+def test_a_checkpoint_of_another_model_is_named_not_a_traceback(pg, one_step):
+    """torch's CheckpointException derives from BaseException: it went past every handler and
+    printed a per-rank traceback; now it is a CheckpointError (one line at the CLI)."""
+    tmp, _, result = one_step
+    other = build_parts(_cfg(tmp, "model.hidden_size=48", "loss.ref_kl_coef=0"), pg)
+    with pytest.raises(CheckpointError, match=f"checkpoint {result.checkpoint} does not fit this model: "
+                                              r"Global shape mismatch .* expected \(\(48, 64\)\)"):
+        checkpointing.load_checkpoint(result.checkpoint, other.ddp_chunks, None, pg, load_optimizer=False,
+                                      load_rng=False)
+
+
 def test_a_failed_save_removes_its_partial_files_and_keeps_latest(pg, one_step, tmp_path, monkeypatch):
     _, parts, _ = one_step
     root = tmp_path / "ck"
