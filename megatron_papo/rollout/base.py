@@ -112,6 +112,12 @@ class RolloutRequest:
     text-only prompt. None = no images at all."""
     prompt_indices: list[int] | None = None
     """Global id of each prompt (dataset index); None = 0..len-1."""
+    batch_offset: int = 0
+    """Position of this request's first prompt in the step's batch over all data-parallel ranks
+    (rank r of a contiguous split: r * prompts per rank). Row k of prompt i draws its tokens from
+    the stream of (params.seed, (batch_offset + i) * n + k), so a row's responses depend on its
+    place in the global batch, not on the split (the Megatron engine's per-row uniforms,
+    vLLM's per-request seeds)."""
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -124,6 +130,8 @@ class RolloutRequest:
         self.images = [[] if imgs is None else list(imgs) for imgs in self.images]
         if self.prompt_indices is None:
             self.prompt_indices = list(range(num))
+        if not isinstance(self.batch_offset, int) or self.batch_offset < 0:
+            raise ValueError(f"batch_offset must be an int >= 0, got {self.batch_offset!r}")
         if len(self.images) != num or len(self.prompt_indices) != num:
             raise ValueError(f"{num} prompts but {len(self.images)} image lists and "
                              f"{len(self.prompt_indices)} prompt indices")

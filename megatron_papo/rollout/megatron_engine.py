@@ -10,9 +10,11 @@ count from each row's first real token, so padding does not change a row's token
 
 Tensor parallelism: each TP rank runs ``forward_fn`` on its shard and gets ``[B, S, V/tp]``
 vocab-parallel logits; only the LAST position ``[B, V/tp]`` is all-gathered (``[B, V]``, small),
-and every TP rank samples with an identically seeded generator, so all ranks pick the same
-tokens without broadcasting them. One all-reduce per batch checks that they did
-(``check_tp_agreement``; ``debug=True`` checks after every step).
+and every TP rank draws the same per-row uniforms (``sampling.counter_uniform``, keyed by the
+request's seed and each row's global id ``(request.batch_offset + prompt) * n + k``), so all ranks
+pick the same tokens without broadcasting them, and a row's tokens do not depend on the rows it
+is batched with nor on how the step's prompts are split over data-parallel ranks. One all-reduce
+per batch checks that they did (``check_tp_agreement``; ``debug=True`` checks after every step).
 
 Cost. With a KV cache (``kv_cache=True``, the default where the forward supports it: see
 ``ForwardFn``), each distinct prompt goes through the model once (the prefill: its images
@@ -50,7 +52,7 @@ from megatron_papo.rollout.base import (
     position_ids_from_mask,
 )
 from megatron_papo.rollout.kv_cache import KVCache
-from megatron_papo.rollout.sampling import policy_log_probs, sample
+from megatron_papo.rollout.sampling import counter_uniform, policy_log_probs, row_keys, sample
 
 __all__ = ["ForwardFn", "MegatronRolloutEngine", "gpt_forward_fn"]
 
@@ -136,7 +138,7 @@ def check_same_across_group(tokens: Tensor, group: dist.ProcessGroup | None) -> 
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     if not (torch.equal(both[0], tokens.long()) and torch.equal(-both[1], tokens.long())):
         raise RuntimeError("tensor-parallel ranks sampled different tokens: the gathered logits or "
-                           "the sampling generators differ between ranks")
+                           "the sampling seeds differ between ranks")
 
 
 @dataclass
@@ -245,13 +247,13 @@ class MegatronRolloutEngine:
         prompts = [p for p in request.prompt_ids for _ in range(n)]
         images = [imgs for imgs in request.images for _ in range(n)] if request.has_images else None
         stop_ids = sorted({self.eos_id, *params.stop_token_ids})
-        generator: list[torch.Generator] = []  # created on the logits' device at the first step
+        keys = row_keys(params.seed, torch.arange(len(prompts)) + request.batch_offset * n)  # [R]
         step = self._rows_per_batch(prompts, params.max_new_tokens)
         decoded: list[_Decoded] = []
         with eval_no_grad(self.modules):
             for lo in range(0, len(prompts), step):
                 rows = _Rows(prompts[lo:lo + step], None if images is None else images[lo:lo + step])
-                decoded.append(self._decode(rows, params, stop_ids, generator))
+                decoded.append(self._decode(rows, params, stop_ids, keys[lo:lo + step]))
         result = self._to_result(request, params, prompts, decoded)
         generated = sum(len(r) for r in result.response_ids)
         result.metrics.update(seconds=time.perf_counter() - start, generated_tokens=float(generated))
@@ -278,7 +280,7 @@ class MegatronRolloutEngine:
         return gather_vocab(logits[:, -1, :], self.tp_group)
 
     def _decode(self, rows: _Rows, params: SamplingParams, stop_ids: list[int],
-                generator: list[torch.Generator]) -> _Decoded:
+                keys: Tensor) -> _Decoded:
         """Decode one batch; only still-running rows are forwarded at each step."""
         b, t_max = len(rows.prompts), params.max_new_tokens
         tokens, mask = left_pad_with_room(rows.prompts, self.pad_id, t_max)  # [B, P + T]
@@ -293,9 +295,9 @@ class MegatronRolloutEngine:
         steps = 0
         for t in range(t_max):
             logits = stepper.logits(t, live)  # [live, V_pad] float32
-            if not generator:
-                generator.append(torch.Generator(device=logits.device).manual_seed(params.seed))
-            tok, lp = sample(logits, params, generator[0], self.vocab_size)
+            width = logits.shape[-1] if self.vocab_size is None else self.vocab_size
+            uniform = counter_uniform(keys[live].to(logits.device), t, width)  # [live, V]
+            tok, lp = sample(logits, params, None, self.vocab_size, uniform=uniform)
             plp = policy_log_probs(logits, tok, self.vocab_size)
             tok, lp, plp = tok.cpu(), lp.float().cpu(), plp.float().cpu()
             if self.debug:

@@ -348,7 +348,7 @@ class VLLMRolloutEngine:
             start, stop = cp_slice(len(request), rank, size)
             part = None
             if first_stage and stop > start:
-                part = self._generate(request_slice(request, start, stop), params, first_prompt=start)
+                part = self._generate(request_slice(request, start, stop), params)
             parts: list[Any] = [None] * size
             dist.all_gather_object(parts, part, group=self.cp_group)
             result = RolloutResult.concat([p for p in parts if p is not None]) if first_stage else None
@@ -359,12 +359,11 @@ class VLLMRolloutEngine:
         dist.broadcast_object_list(box, src=source, group=self.pp_group)
         return box[0]
 
-    def _generate(self, request: RolloutRequest, params: SamplingParams,
-                  first_prompt: int = 0) -> RolloutResult:
+    def _generate(self, request: RolloutRequest, params: SamplingParams) -> RolloutResult:
         start = time.perf_counter()
         prompts = request_to_prompts(request, self.layout)
         kwargs = sampling_kwargs(params, num_prompts=len(request), eos_id=self.eos_id,
-                                 banned_token_ids=self.banned_token_ids, first_prompt=first_prompt)
+                                 banned_token_ids=self.banned_token_ids, first_prompt=request.batch_offset)
         outputs = self.backend.generate(prompts, kwargs)
         result = outputs_to_result(request, params, outputs, stop_ids=kwargs[0]["stop_token_ids"],
                                    logprobs_mode=self.logprobs_mode)
@@ -397,9 +396,11 @@ def cp_slice(num_prompts: int, rank: int, size: int) -> tuple[int, int]:
 
 
 def request_slice(request: RolloutRequest, start: int, stop: int) -> RolloutRequest:
-    """Prompts [start, stop) of ``request`` (with their images and global indices)."""
+    """Prompts [start, stop) of ``request`` (with their images, global indices and batch
+    positions: each row keeps its seed)."""
     return RolloutRequest(request.prompt_ids[start:stop], images=request.images[start:stop],
-                          prompt_indices=request.prompt_indices[start:stop])
+                          prompt_indices=request.prompt_indices[start:stop],
+                          batch_offset=request.batch_offset + start)
 
 
 def check_consecutive_tp(tp_ranks: Sequence[int]) -> None:

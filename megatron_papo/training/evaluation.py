@@ -35,7 +35,8 @@ def evaluate(parts: Parts, cfg: PapoConfig, pg: ProcessGroups) -> dict[str, floa
     ev = cfg.evaluation
     dataset = _eval_dataset(parts, cfg)
     total = len(dataset) if ev.num_prompts == 0 else min(ev.num_prompts, len(dataset))
-    mine = list(range(pg.dp_rank, total, pg.dp_size))
+    per_rank = -(-total // pg.dp_size)  # contiguous blocks: each row's sampling stream is keyed
+    mine = list(range(pg.dp_rank * per_rank, min(total, (pg.dp_rank + 1) * per_rank)))  # by its prompt
     params = SamplingParams(n=ev.k, temperature=ev.temperature, top_p=ev.top_p,
                             max_new_tokens=cfg.rollout.max_new_tokens,
                             seed=steps.derive_seed(cfg.train.seed, 99))
@@ -47,7 +48,9 @@ def evaluate(parts: Parts, cfg: PapoConfig, pg: ProcessGroups) -> dict[str, floa
     steps.prepare_engine(parts.engine, parts.model_chunks, pg)  # vLLM: the current weights, awake
     for lo in range(0, len(mine), chunk):
         samples = [dataset[i] for i in mine[lo:lo + chunk]]
-        res = steps.rollout(parts.engine, samples, steps.prompt_pixels(model, samples), params)
+        offset = mine[lo]  # the prompts' place in the eval set: the same draws under any dp split,
+        res = steps.rollout(parts.engine, samples, steps.prompt_pixels(model, samples), params,
+                            batch_offset=offset)  # and for the masked images (common random numbers)
         rew = steps.score(res, samples, parts.tokenizer, cfg.reward)
         sums[0] += float(rew.accuracy.double().sum())
         sums[2] += float(rew.format.double().sum())
@@ -55,7 +58,7 @@ def evaluate(parts: Parts, cfg: PapoConfig, pg: ProcessGroups) -> dict[str, floa
         acc_m = None
         if ev.masked:
             masked = steps.masked_prompt_pixels(model, samples, cfg.masking, step=0)
-            res_m = steps.rollout(parts.engine, samples, masked, params)
+            res_m = steps.rollout(parts.engine, samples, masked, params, batch_offset=offset)
             acc_m = steps.score(res_m, samples, parts.tokenizer, cfg.reward).accuracy.double()
             sums[1] += float(acc_m.sum())
         for row in range(len(res)):  # group-major: response row -> sample row // k

@@ -83,11 +83,13 @@ def prepare_engine(engine: RolloutEngine, model_chunks: Sequence[torch.nn.Module
 
 
 def rollout(engine: RolloutEngine, samples: Sequence[Sample], pixels: Sequence[Tensor | None],
-            params: SamplingParams) -> RolloutResult:
-    """params.n responses per prompt, group-major."""
+            params: SamplingParams, batch_offset: int = 0) -> RolloutResult:
+    """params.n responses per prompt, group-major; ``batch_offset``: the first prompt's position
+    in the step's batch over all data-parallel ranks (each row's sampling stream is keyed by it,
+    ``RolloutRequest.batch_offset``)."""
     request = RolloutRequest(prompt_ids=[list(s.prompt_ids) for s in samples],
                              images=[[] if p is None else [p] for p in pixels],
-                             prompt_indices=[s.index for s in samples])
+                             prompt_indices=[s.index for s in samples], batch_offset=batch_offset)
     return engine.generate(request, params)
 
 

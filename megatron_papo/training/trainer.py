@@ -10,7 +10,6 @@ micro-batched PAPO update(s) through megatron-core's schedule -> metrics.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -77,8 +76,13 @@ from megatron_papo.training.schedule import global_mean_loss_scale, run_microbat
 # ----------------------------------------------------------------------------- one step
 
 
-def _sampling_params(cfg: PapoConfig, step: int, pg: ProcessGroups) -> SamplingParams:
-    return SamplingParams.from_config(cfg.rollout, seed=steps.derive_seed(cfg.train.seed, step, pg.dp_rank))
+def _sampling_params(cfg: PapoConfig, step: int, rnd: int = 0) -> SamplingParams:
+    """The step's (round's) sampling: one seed for all data-parallel ranks; each row's stream is
+    keyed by its place in the global batch (``RolloutRequest.batch_offset``), so the rollouts of
+    a step do not depend on the data-parallel split."""
+    parts = (cfg.train.seed, step) if rnd == 0 else (cfg.train.seed, step, rnd)
+    seed = steps.derive_seed(*parts)
+    return SamplingParams.from_config(cfg.rollout, seed=seed)
 
 
 def log_prob_temperature(cfg: PapoConfig) -> float:
@@ -138,10 +142,9 @@ def _sampling_round(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int,
     samples with the step's seed, later rounds with seeds of their own."""
     samples = [parts.dataset[parts.rl_indices[i]] for i in parts.sampler.next_batch()]
     pixels = steps.prompt_pixels(parts.model_chunks[0], samples)
-    params = _sampling_params(cfg, step, pg)
-    if rnd > 0:
-        params = dataclasses.replace(params, seed=steps.derive_seed(cfg.train.seed, step, pg.dp_rank, rnd))
-    result = steps.rollout(parts.engine, samples, pixels, params)
+    params = _sampling_params(cfg, step, rnd)
+    result = steps.rollout(parts.engine, samples, pixels, params,
+                           batch_offset=pg.dp_rank * parts.sampler.local_batch_size)
     return dynamic_sampling.Round(samples=samples, pixels=pixels, result=result,
                                   rewards=steps.score(result, samples, parts.tokenizer, cfg.reward))
 

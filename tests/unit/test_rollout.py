@@ -387,3 +387,30 @@ def test_engine_on_megatron_gpt(one_rank_world):
     got = res.padded(PAD)
     assert (policy - got.policy_log_probs)[mask].abs().max() < 1e-5
     assert (sampled - got.response_log_probs)[mask].abs().max() < 1e-5
+
+
+def test_counter_uniforms_are_uniform_per_row_and_draw_the_categorical():
+    """(0, 1) strictly (the largest 23-bit value stays below 1: finite Gumbel noise), mean 1/2 and
+    variance 1/12, a row's numbers independent of the other rows in the batch, and Gumbel-max
+    with them reproduces a categorical's frequencies. Tolerances: N draws of a frequency p have
+    sd sqrt(p (1 - p) / N); 5 sd (a false alarm under 1e-6 per check)."""
+    from megatron_papo.rollout.sampling import counter_uniform, row_keys, sample
+
+    keys = row_keys(123, torch.arange(2000))
+    u = counter_uniform(keys, 5, 500)
+    assert u.dtype == torch.float32 and 0 < u.min() and u.max() < 1
+    n = u.numel()
+    assert abs(u.mean().item() - 0.5) < 5 * (1 / 12 / n) ** 0.5
+    assert abs(u.var().item() - 1 / 12) < 5 * (1 / 180 / n) ** 0.5  # var of (u - 1/2)^2 is 1/180
+    assert torch.equal(counter_uniform(keys[7:9], 5, 500), u[7:9])  # rows alone
+    assert not torch.equal(counter_uniform(keys, 6, 500), u)  # another decode step
+    assert not torch.equal(counter_uniform(row_keys(124, torch.arange(2000)), 5, 500), u)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    draws = 200_000
+    tok, _ = sample(probs.log().repeat(draws, 1), SamplingParams(), None,
+                    uniform=counter_uniform(row_keys(7, torch.arange(draws)), 0, 4))
+    freq = torch.bincount(tok, minlength=4).double() / draws
+    sd = (probs.double() * (1 - probs.double()) / draws).sqrt()
+    assert ((freq - probs.double()).abs() < 5 * sd).all(), freq
+    with pytest.raises(ValueError, match="exactly one of generator and uniform"):
+        sample(probs.log()[None], SamplingParams(), None)
