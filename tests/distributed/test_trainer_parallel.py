@@ -146,14 +146,35 @@ def test_default_path_at_tp2_sp_with_pp2_and_cp2_with_pp2_matches_tp1(shared, tm
     assert _compare(runs, ref) >= 2 * (1 + 2 * 8)
 
 
+def _yes_rows(tmp: Path) -> Path:
+    """200 easy-VQA rows answered "yes": a short warm start gets some groups right and some wrong."""
+    import easy_vqa
+
+    qs, answers, ids = easy_vqa.get_train_questions()
+    paths = easy_vqa.get_train_image_paths()
+    rows = [{"image": paths[i], "problem": q, "answer": a}
+            for q, a, i in zip(qs, answers, ids, strict=True) if a == "yes"][:200]
+    path = tmp / "yes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def test_data_parallel_gives_the_single_replica_loss_and_grad_norm(shared, tmp_path):
     """dp=2 trains on the same global batch as dp=1 (the sampler's global batch, split into two
     contiguous halves) and must give its loss and grad norm: the same rollouts (each row's sampling
     stream is keyed by its place in the global batch, RolloutRequest.batch_offset), token means
-    over both replicas, the gradient all-reduce, the sharded optimizer. PAPO-G on the default path:
-    the sampled entropies and the k3 KL_prcp are means over the sampled tokens, so other draws
-    on either replica would show in them."""
+    over both replicas, the gradient all-reduce, the sharded optimizer. PAPO-D on the default
+    path with the DAPO filter alone (one sampling round, one update per step): the filter drops
+    different groups on each replica, the short one pads with inert rows, and the sums must
+    still be the single replica's; the sampled entropies and the k3 KL_prcp are means over the
+    sampled tokens, so other draws on either replica would show in them."""
     _, init, _ = shared
-    ref = _run(tmp_path, "dp1", 1, init, *DEFAULT_PATH)
-    dp2 = _run(tmp_path, "dp2", 2, init, *DEFAULT_PATH)
-    assert _compare({"dp2": dp2}, ref, [*KEYS, "num_tokens"]) >= 1 + 2 * 9
+    run = [*DEFAULT_PATH, "algorithm.name=papo_d", "algorithm.max_sampling_rounds=1",
+           f"data.train={_yes_rows(tmp_path)}", "train.sft_warmup_steps=20", "train.sft_batch_size=32",
+           "rollout.prompts_per_step=8", "train.update_prompts=8", "rollout.n=4", "rollout.max_new_tokens=8"]
+    ref = _run(tmp_path, "dp1", 1, init, *run)
+    dp2 = _run(tmp_path, "dp2", 2, init, *run)
+    rl = [r for r in ref.values() if "filter/kept_groups" in r]
+    assert len(rl) == 2 and all(0 < r["filter/kept_groups"] < 8 for r in rl)  # some dropped, some kept
+    assert any(r["pg_loss"] != 0 for r in rl)  # advantages are live
+    assert _compare({"dp2": dp2}, ref, [*KEYS, "num_tokens", "filter/kept_groups"]) >= 20 + 2 * 10
