@@ -10,17 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from megatron_papo.testing.rows import easy_vqa_rows_answered
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]
 
 
 def _write_data(tmp: Path) -> Path:
-    import easy_vqa
-
-    qs, answers, ids = easy_vqa.get_train_questions()
-    paths = easy_vqa.get_train_image_paths()
-    rows = [{"image": paths[i], "problem": q, "answer": a}
-            for q, a, i in zip(qs, answers, ids, strict=True) if a == "yes"][:400]
+    rows = easy_vqa_rows_answered("yes", 400)
     corrupt = tmp / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG not really")
     rows[10:10] = [

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_papo.testing.rows import easy_vqa_rows_answered
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]
 OVERRIDES = [
@@ -148,14 +150,8 @@ def test_default_path_at_tp2_sp_with_pp2_and_cp2_with_pp2_matches_tp1(shared, tm
 
 def _yes_rows(tmp: Path) -> Path:
     """200 easy-VQA rows answered "yes": a short warm start gets some groups right and some wrong."""
-    import easy_vqa
-
-    qs, answers, ids = easy_vqa.get_train_questions()
-    paths = easy_vqa.get_train_image_paths()
-    rows = [{"image": paths[i], "problem": q, "answer": a}
-            for q, a, i in zip(qs, answers, ids, strict=True) if a == "yes"][:200]
     path = tmp / "yes.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in easy_vqa_rows_answered("yes", 200)))
     return path
 
 
