@@ -63,7 +63,8 @@ class SamplingParams:
     """Token ids that end a response besides the engine's eos id (single-token stops only)."""
     seed: int = 0
     """Seed of the sampling generator: the same seed and request give the same responses.
-    The trainer should derive it from (train.seed, step[, dp rank]) so steps differ."""
+    The trainer derives it from (train.seed, step[, round]); rows are told apart by their place in
+    the global batch (RolloutRequest.batch_offset), not by the seed."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
