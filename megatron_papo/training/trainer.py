@@ -23,7 +23,7 @@ from torch import Tensor
 
 from megatron_papo.algorithms import group_normalized_advantages
 from megatron_papo.config import PapoConfig, resume_drift, save_config, to_dict
-from megatron_papo.distributed import ProcessGroups, is_rank_zero
+from megatron_papo.distributed import ProcessGroups, barrier, is_rank_zero
 from megatron_papo.losses import PapoLossConfig, token_mean
 from megatron_papo.ops import global_token_count
 from megatron_papo.ops.groups import all_reduce_int
@@ -376,6 +376,28 @@ def _earlier_checkpoints(ckpt_dir: str) -> str:
     return ", ".join(found[-3:]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
 
 
+def _set_earlier_run_aside(cfg: PapoConfig, ckpt_dir: str, earlier: str, pg: ProcessGroups) -> None:
+    """A fresh run into a ``checkpoint.dir`` that holds checkpoints: an earlier run of the same
+    maths (no RESUME_DRIFT_KEYS field differs from its newest checkpoint's config; the layout may)
+    is moved to ``<dir>.prev-<n>`` and said in one line, so nothing is pruned or mixed; another
+    run's is refused, naming the fields (collective: rank 0 moves, then a barrier)."""
+    root = Path(ckpt_dir)
+    newest = list_checkpoints(root)
+    drift = resume_drift(read_trainer_state(newest[-1]).get("config") or {}, to_dict(cfg)) if newest else []
+    if drift:
+        raise CheckpointError(f"checkpoint.dir {ckpt_dir} holds another run's checkpoints ({earlier}), whose "
+                              f"config differs in fields that change the maths: {'; '.join(drift)}. A "
+                              "fresh run there would prune them and mix the two: set checkpoint.dir to a new "
+                              "folder, or pass --resume to continue that run")
+    if is_rank_zero():
+        n = 1
+        while (aside := root.with_name(f"{root.name}.prev-{n}")).exists():
+            n += 1
+        root.rename(aside)
+        _log.info("%s held an earlier run's checkpoints (%s), same config: moved to %s", root, earlier, aside)
+    barrier(pg.world)
+
+
 def _missing_reference(cfg: PapoConfig) -> CheckpointError:
     return CheckpointError(f"{_ref_dir(cfg)}: the reference model's checkpoint is missing; a run resumed "
                            "in its RL phase cannot rebuild it (it is the policy at the first RL step). "
@@ -415,9 +437,7 @@ def resume_point(cfg: PapoConfig, pg: ProcessGroups) -> Path | None:
         if found is not None:
             _check_reference(cfg, found, pg)
     elif ckpt_dir and (earlier := _earlier_checkpoints(ckpt_dir)):
-        raise CheckpointError(f"checkpoint.dir {ckpt_dir} holds an earlier run's checkpoints ({earlier}); a "
-                              "fresh run there would prune them and mix the two. Pass --resume to continue "
-                              "that run, or set checkpoint.dir to an empty or new folder")
+        _set_earlier_run_aside(cfg, ckpt_dir, earlier, pg)
     if is_rank_zero():
         if found is not None:
             _log.info("resuming from %s", found)

@@ -47,14 +47,21 @@ def one_step(pg, tmp_path_factory):
     return tmp, parts, result
 
 
-def test_a_fresh_run_into_a_used_checkpoint_dir_is_refused(pg, one_step):
+def test_a_fresh_run_into_a_used_checkpoint_dir_moves_the_same_run_aside_and_refuses_another(pg, one_step):
+    """An earlier run of the same maths (a rerun, or the same run under another layout) is moved to
+    <dir>.prev-<n> whole; one whose config differs in a field that changes the maths is refused
+    with the field named (a fresh run there used to prune the new checkpoints against the old
+    steps, and `evaluate` read the old `latest`)."""
     tmp, _, result = one_step
-    with pytest.raises(CheckpointError, match=r"holds an earlier run's checkpoints \(step_00000001, "
-                                              r"reference\).*Pass --resume"):
-        resume_point(_cfg(tmp), pg)
+    with pytest.raises(CheckpointError, match=r"holds another run's checkpoints \(step_00000001, "
+                                              r"reference\), whose config differs .*loss.gamma: 0.02 -> 0.5"):
+        resume_point(_cfg(tmp, "loss.gamma=0.5"), pg)
     assert resume_point(_cfg(tmp, "checkpoint.resume=true"), pg) == result.checkpoint  # the run's own: fine
-    empty = tmp / "fresh"
-    assert resume_point(_cfg(tmp, f"checkpoint.dir={empty}"), pg) is None
+    copy = tmp / "copy"
+    shutil.copytree(tmp / "ckpt", copy)
+    assert resume_point(_cfg(tmp, f"checkpoint.dir={copy}", "parallel.collective_timeout_s=60"), pg) is None
+    assert not copy.exists() and (tmp / "copy.prev-1" / "step_00000001" / "manifest.json").is_file()
+    assert resume_point(_cfg(tmp, f"checkpoint.dir={tmp / 'fresh'}"), pg) is None
 
 
 def _moved(path: Path):
