@@ -205,7 +205,8 @@ def micro_batch_dicts(batch: TrainBatch, micro_batch_size: int, *, masked_branch
         logits. S must be a multiple of 2 * cp (``pad_columns``).
     Each dict has input_ids, position_ids, attention_mask, pixel_values, target, loss_mask,
     advantages and whichever log-prob tensors the batch carries, plus "rows" (row indices) and
-    "row_tokens" ([mbs] loss tokens of each whole row, the per-sequence divisor under cp).
+    "row_tokens" ([mbs] loss tokens of each whole row, the per-sequence divisor under cp); with
+    both_branches also "branch_pixel_values" (the original and the masked halves' images apart).
     """
     if batch.num_rows % micro_batch_size:
         raise ValueError(f"micro_batch_dicts: {batch.num_rows} rows are not a multiple of "
@@ -232,6 +233,7 @@ def micro_batch_dicts(batch: TrainBatch, micro_batch_size: int, *, masked_branch
             for k in ("input_ids", "position_ids", "attention_mask"):
                 d[k] = torch.cat([d[k], d[k]], dim=0)
             masked = stack_pixels(mb.masked_pixel_values)
+            d["branch_pixel_values"] = (d["pixel_values"], masked)  # apart: passes.two_branch_forward
             d["pixel_values"] = stack_pixels([d["pixel_values"], masked])
         out.append(d)
     return out

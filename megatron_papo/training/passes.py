@@ -42,6 +42,23 @@ def model_forward(model: torch.nn.Module, mb: Mapping[str, Any]) -> Tensor:
     return model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], mb["pixel_values"], **extra)
 
 
+def two_branch_forward(model: torch.nn.Module, mb: Mapping[str, Any]) -> Tensor:
+    """A both-branches micro-batch (batch.micro_batch_dicts(both_branches=True)) as two calls:
+    the masked half under no_grad (its output is detached anyway when ``masked_grad`` is off, so
+    it keeps no activations and costs no backward), then the original half with a graph; the
+    outputs concatenated in the single pass's row order [original; masked]. Single pipeline
+    stage only: a stage that receives its input from another runs the [2B] input as one."""
+    half = mb["input_ids"].shape[0] // 2
+    pixels, masked_pixels = mb["branch_pixel_values"]
+
+    def rows(part: slice) -> tuple[Tensor, Tensor, Tensor]:
+        return mb["input_ids"][part], mb["position_ids"][part], mb["attention_mask"][part]
+
+    with torch.no_grad():
+        masked = model(*rows(slice(half, None)), masked_pixels)
+    return torch.cat([model(*rows(slice(0, half)), pixels), masked], dim=0)
+
+
 def sequence_multiple(model_chunks: Sequence[torch.nn.Module]) -> int:
     """What a batch's column count must be a multiple of for these (bare or DDP) chunks
     (``models.base.sequence_multiple`` of their language model's config)."""
@@ -151,7 +168,9 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
     group hold the same rows (N_global counts them once, over the dp group) and each computes the share of its
     zigzag shard; the shares of all dp x cp ranks add up to the global mean. When the masked
     branch needs logits at update time (full KL/entropies, or masked_grad), each micro-batch
-    carries both branches and one pipeline pass computes both. With ``loss_config.fused_linear``
+    carries both branches and one pipeline pass computes both; with the masked branch detached
+    (``masked_grad`` off) and one pipeline stage, its half runs under no_grad
+    (:func:`two_branch_forward`). With ``loss_config.fused_linear``
     the chunks return hidden states and the loss multiplies by the output weight tile by tile
     (losses.papo_loss_from_hidden): no logits are formed, forward or backward.
     """
@@ -180,9 +199,12 @@ def papo_update(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any, batch: Tr
         return papo_loss(out, mb["target"], mb["old_log_probs"], mb["advantages"], mb["loss_mask"],
                          masked_logits=masked, **kw)
 
+    # both branches, the masked one detached, one stage: its forward runs under no_grad
+    split = both and not loss_config.masked_grad and pg.pp_size == 1
+    forward = two_branch_forward if split else model_forward
     zero_grads(list(ddp_chunks), optimizer)
     with model_outputs(ddp_chunks, loss_config.fused_linear) as weight:
-        outs = run_microbatches(ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,
+        outs = run_microbatches(ddp_chunks, mbs, forward, loss_fn, forward_only=False,
                                 seq_length=batch.seq_length,
                                 micro_batch_size=micro_batch_size * (2 if both else 1),
                                 loss_scale=global_mean_loss_scale(pg.dp_size, len(mbs)))

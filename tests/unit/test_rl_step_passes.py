@@ -218,3 +218,46 @@ def test_several_updates_reuse_the_pre_update_log_probs(pg, tmp_path, monkeypatc
     assert metrics["updates"] == 4 and sorted(passes_run) == ["masked", "old", "ref"]
     # epoch 2 reads the tensors of epoch 1
     assert torch.equal(seen_old[0], seen_old[2]) and torch.equal(seen_old[1], seen_old[3])
+
+
+def _seeded_parts(cfg, pg):
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(0)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    return build_parts(cfg, pg)
+
+
+def test_a_detached_masked_branch_runs_without_a_graph_and_changes_nothing(pg, tmp_path, monkeypatch):
+    """Full KL and entropies with masked_grad off: the update's micro-batches carry both branches,
+    and on one pipeline stage the masked half now runs under no_grad (passes.two_branch_forward):
+    the forwards that build a graph see micro_batch_size rows, not twice that, and the step's
+    loss terms and grad norm equal those of the single [2B] pass. Tolerance: the same fp32 sums,
+    computed in GEMMs of B instead of 2B rows (blocking may reorder a K <= 128 reduction: ~K eps32
+    = 1.5e-5 of a logit, twice that through a log-softmax); 1e-4 relative, as the layout tests."""
+    from megatron_papo.training import passes
+
+    over = [*STEPS, "model.num_layers=1", f"logging.dir={tmp_path}/run", "loss.kl_prcp_mode=full",
+            "loss.entropy_mode=full", "loss.masked_grad=false"]
+    cfg = load_config(str(ROOT / "examples/tiny_papo_g.yaml"), over)
+    runs = {}
+    for name in ("split", "one_pass"):
+        if name == "one_pass":
+            monkeypatch.setattr(passes, "two_branch_forward", passes.model_forward)
+        parts = _seeded_parts(cfg, pg)
+        graph_rows: list[int] = []
+
+        def record(mod, args, out, seen=graph_rows):
+            if torch.is_grad_enabled():
+                seen.append(args[0].shape[0])
+
+        hook = parts.model_chunks[0].register_forward_hook(record)
+        try:
+            runs[name] = trainer.rl_step(parts, cfg, pg, 0)
+        finally:
+            hook.remove()
+        runs[name]["graph_rows"] = max(graph_rows)
+    micro = cfg.train.micro_batch_size
+    assert (runs["split"]["graph_rows"], runs["one_pass"]["graph_rows"]) == (micro, 2 * micro)
+    for key in ("loss", "pg_loss", "kl_prcp", "entropy_orig", "entropy_mask", "grad_norm"):
+        assert runs["split"][key] == pytest.approx(runs["one_pass"][key], rel=1e-4, abs=1e-6), key
