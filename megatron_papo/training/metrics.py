@@ -30,7 +30,8 @@ _CONST_KEYS = ("gamma",)
 # Counts of a step (groups kept / dropped, unparsable answers, skipped updates): summed over
 # micro-batches, ranks and updates, never averaged.
 _COUNT_KEYS = ("filter/kept_groups", "filter/dropped_all_correct", "filter/dropped_all_wrong",
-               "filter/generated_prompts", "reward/parse_failures", "update_skipped")
+               "filter/generated_prompts", "reward/parse_failures", "update_skipped",
+               "data/read_failures_total")
 
 
 def _is_summed(key: str, mode: str) -> bool:

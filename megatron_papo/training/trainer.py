@@ -80,8 +80,8 @@ def _sampling_params(cfg: PapoConfig, step: int, rnd: int = 0) -> SamplingParams
     """The step's (round's) sampling: one seed for all data-parallel ranks; each row's stream is
     keyed by its place in the global batch (``RolloutRequest.batch_offset``), so the rollouts of
     a step do not depend on the data-parallel split."""
-    parts = (cfg.train.seed, step) if rnd == 0 else (cfg.train.seed, step, rnd)
-    seed = steps.derive_seed(*parts)
+    keys = (cfg.train.seed, step) if rnd == 0 else (cfg.train.seed, step, rnd)
+    seed = steps.derive_seed(*keys)
     return SamplingParams.from_config(cfg.rollout, seed=seed)
 
 
@@ -221,6 +221,7 @@ def rl_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dict
         local.update(steps.rollout_logprob_mismatch(batch))
         update_metrics = _update(parts, batch, cfg, pg, step, cfg.loss)
     seconds = time.perf_counter() - t0
+    local["data/read_failures_total"] = float(_read_failures(parts))  # summed over dp with the rest
     out = reduce_step_metrics([{k: torch.tensor(v) for k, v in local.items()}], pg.dp)
     out.update(combine_update_metrics(update_metrics))
     out.update(step_time=seconds, rollout_time=t_rollout,
@@ -262,6 +263,9 @@ def sft_step(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, step: int) -> dic
         outs = run_microbatches(parts.ddp_chunks, mbs, model_forward, loss_fn, forward_only=False,
                                 seq_length=batch.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                                 loss_scale=global_mean_loss_scale(pg.dp_size, len(mbs)))
+    failures = float(_read_failures(parts)) if pg.cp_rank == 0 else 0.0  # a count: each replica's once,
+    for i, mb in enumerate(outs):  # in micro-batch 0, summed over dp with the step's metrics
+        mb["data/read_failures_total"] = torch.tensor(failures if i == 0 else 0.0)
     out = share_from_last_stage(reduce_step_metrics(outs, pg.dp_cp, mode="sum") if outs else {}, pg)
     ok, grad_norm, _ = optimizer_step(parts.optimizer, loss_finite=math.isfinite(out.get("sft_nll", 0.0)))
     if not ok:
@@ -334,7 +338,7 @@ def _sync_reference(parts: Parts, cfg: PapoConfig, pg: ProcessGroups, *, resumed
     if parts.ref_chunks is None:
         return
     if resumed and cfg.checkpoint.dir:  # the reference is the policy as RL began: it cannot be rebuilt now
-        if resolve_checkpoint(_ref_dir(cfg)) is None:
+        if resolve_checkpoint(_ref_dir(cfg)) is None:  # checked at start (_check_reference): gone since
             raise _missing_reference(cfg)
         load_checkpoint(_ref_dir(cfg), parts.ref_chunks, None, pg, load_optimizer=False, load_rng=False)
         return
@@ -518,7 +522,6 @@ def train(cfg: PapoConfig, pg: ProcessGroups, parts: Parts | None = None) -> Tra
             metrics = rl_step(parts, cfg, pg, step - sft_steps)
         if on_cuda:
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        metrics["data/read_failures_total"] = float(all_reduce_int(_read_failures(parts), pg.dp))
         phase = "sft" if step + 1 < sft_steps else "rl"
         stop = nonfinite.update(step + 1, metrics)  # counts into metrics; checked after logging them
         if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == total or stop:

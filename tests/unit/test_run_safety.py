@@ -173,7 +173,8 @@ def test_image_reads_that_fail_during_a_run_are_counted(pg, one_step, tmp_path, 
         rows.append(json.dumps({"image": f"{i}.png", "problem": "what color is the shape?",
                                 "answer": "red"}))
     (tmp_path / "rows.jsonl").write_text("\n".join(rows))
-    cfg = _cfg(tmp_path, f"data.train={tmp_path / 'rows.jsonl'}", "data.shuffle=false", "loss.ref_kl_coef=0")
+    cfg = _cfg(tmp_path, f"data.train={tmp_path / 'rows.jsonl'}", "data.shuffle=false", "loss.ref_kl_coef=0",
+               "train.sft_warmup_steps=1", "train.sft_batch_size=2")
     parts = build_parts(cfg, pg)
     for i in range(4):
         (tmp_path / f"{i}.png").unlink()
@@ -182,3 +183,7 @@ def test_image_reads_that_fail_during_a_run_are_counted(pg, one_step, tmp_path, 
     last = json.loads(out.metrics_path.read_text().splitlines()[-1])
     assert last["data/read_failures_total"] >= 2  # the step's two prompts each met a removed image
     assert "image read(s) failed during the run" in caplog.text
+    rows = [json.loads(line) for line in out.metrics_path.read_text().splitlines()]
+    sft = [r for r in rows if r.get("phase_sft")]  # the warm-start step reports the count as well
+    assert sft and all("data/read_failures_total" in r for r in sft)
+    assert sft[-1]["data/read_failures_total"] <= last["data/read_failures_total"]
